@@ -1,0 +1,988 @@
+"""Valdi: Value Diffusion World Models -- a single-file reference implementation.
+
+Read this file beside the paper (Lindenberg & Chitta, "Valdi: Value Diffusion World Models").
+It follows the paper's order:
+
+    1. Flags ............ every hyperparameter of Table 3, defaults equal to the paper
+    2. Environment ...... the modified CarRacing of Supp. E (pixels + 7 proprio values)
+    3. Networks ......... encoder, diffusion transformer / MLP baseline, reward, value (Supp. B)
+    4. Diffusion ........ linear schedule, v-parameterisation, Eq. 1, DDIM sampler (Supp. A.2)
+    5. Losses ........... Eq. 9 with SIGReg, Algorithm 1 lines 12-21 (Supp. C)
+    6. Replay ........... whole trajectories, segments of H + 2 frames 3 env steps apart
+    7. Planner .......... CEM over action chunks, Eq. 10 (Supp. D)
+    8. Online loop ...... Algorithm 1: collect a trajectory, then N updates (Supp. F)
+
+Valdi is TD-MPC with one change: the deterministic MLP that rolls the latent state forward is
+replaced by a diffusion transformer that denoises the whole H-step latent future at once,
+conditioned on the current latent and the action sequence. Everything else (encoder, reward,
+value, CEM planning in latent space, online training) is the TD-MPC recipe. `--dynamics mlp`
+swaps the baseline back in, with every other component identical.
+
+Run `python valdi.py --help` for the flags. Importing this module does no work: the companion
+scripts (decoder.py, eval_diagnostics.py) import its pieces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# =============================================================================================
+# 1. Flags (Table 3)
+# =============================================================================================
+def flag(default, help):
+    """A dataclass field that carries its own --help line."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Args:
+    # --- the run ---
+    dynamics: str = flag("diffusion", "latent dynamics: 'diffusion' (Valdi) or 'mlp' (TD-MPC-like baseline)")
+    seed: int = flag(1, "seed of torch, numpy and the training tracks")
+    cuda: bool = flag(True, "use CUDA when it is available (--no-cuda forces the CPU)")
+    exp_name: str = flag("valdi", "name prefix of the run directory")
+    runs_dir: str = flag("runs", "parent folder of run directories")
+    resume: str = flag("", "continue the run in this RUN_DIR from its checkpoint.pt")
+    # --- online loop (Algorithm 1, Table 3) ---
+    total_trajectories: int = flag(5000, "trajectories to collect in all, seed trajectories included")
+    seed_trajectories: int = flag(10, "trajectories planned by the untrained model before any update")
+    max_episode_steps: int = flag(600, "env frames per episode before truncation (Supp. E)")
+    updates_per_trajectory: int = flag(60, "gradient updates after each collected trajectory")
+    batch_size: int = flag(256, "replay segments per update")
+    buffer_size: int = flag(1000, "replay capacity in trajectories (uniform sampling)")
+    # --- world model (Supp. B, D) ---
+    horizon: int = flag(5, "planning horizon H in world-model steps")
+    action_chunk: int = flag(3, "env steps per world-model step (action chunking, Supp. D)")
+    gamma: float = flag(0.99, "discount per env step; a world-model step discounts by gamma**chunk")
+    latent_dim: int = flag(64, "size of the latent state z")
+    # --- CEM planner (Supp. D) ---
+    pop_size: int = flag(512, "CEM population (candidate action sequences)")
+    num_elites: int = flag(64, "CEM elites the sampling distribution is refit to")
+    cem_iters: int = flag(10, "CEM iterations per plan")
+    diffusion_steps: int = flag(1, "DDIM steps used to imagine futures when planning (inference only)")
+    # --- optimisation (Eq. 9, Table 3) ---
+    lr: float = flag(3e-4, "Adam learning rate")
+    grad_clip: float = flag(10.0, "gradient-norm clip")
+    ema_tau: float = flag(0.005, "EMA coefficient of the target network (Algorithm 1 line 21)")
+    diffusion_coef: float = flag(1.0, "lambda_diff: weight of the dynamics loss")
+    reward_coef: float = flag(0.01, "lambda_rew: weight of the reward loss")
+    value_coef: float = flag(0.01, "lambda_val: weight of the TD value loss")
+    sigreg_coef: float = flag(0.05, "lambda_reg: weight of SIGReg on the first latent")
+    sigreg_slices: int = flag(1024, "SIGReg random projection directions")
+    sigreg_points: int = flag(17, "SIGReg integration points t in [0, 3]")
+    # --- exploration (Table 3): pre-tanh Gaussian noise on the executed plan ---
+    explore_std_max: float = flag(0.25, "exploration std during seeding and the hold phase")
+    explore_std_min: float = flag(0.05, "exploration std after the decay")
+    explore_hold: int = flag(250, "trajectories (after seeding) at explore_std_max")
+    explore_decay: int = flag(250, "trajectories of linear decay to explore_std_min")
+    # --- bookkeeping ---
+    checkpoint_every: int = flag(10, "write RUN_DIR/checkpoint.pt every this many trajectories")
+
+
+class ValdiError(Exception):
+    """A problem with the user's input; reported as one line, never as a traceback."""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse prints the whole usage block on an error; we print the error alone."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """One --flag per Args field. With suppress_defaults, only flags given on the command line
+    appear in the result (used by --resume to know what the user overrides)."""
+    parser = _OneLineParser(
+        prog="valdi.py",
+        description="Valdi: Value Diffusion World Models on CarRacing (online training).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS if suppress_defaults else None,
+    )
+    for f in dataclasses.fields(Args):
+        name = "--" + f.name.replace("_", "-")
+        kwargs = {"help": f.metadata["help"]}
+        if not suppress_defaults:
+            kwargs["default"] = f.default
+        if isinstance(f.default, bool):
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, **kwargs)
+        elif f.name == "dynamics":
+            parser.add_argument(name, choices=["diffusion", "mlp"], **kwargs)
+        elif f.name == "resume":
+            parser.add_argument(name, metavar="RUN_DIR", **kwargs)
+        else:
+            parser.add_argument(name, type=type(f.default), **kwargs)
+    return parser
+
+
+def check_args(args: Args) -> None:
+    """Refuse inconsistent settings before any work starts."""
+    segment = args.action_chunk * (args.horizon + 1)  # env steps spanned by one replay segment
+    problems = [
+        (args.dynamics not in ("diffusion", "mlp"), f"unknown dynamics {args.dynamics!r} (diffusion or mlp)"),
+        (args.num_elites > args.pop_size, f"--num-elites {args.num_elites} exceeds --pop-size {args.pop_size}"),
+        (args.num_elites < 1, "--num-elites must be at least 1"),
+        (args.max_episode_steps < segment,
+         f"--max-episode-steps {args.max_episode_steps} is shorter than one replay segment "
+         f"({segment} env steps = action chunk x (horizon + 1))"),
+        (args.max_episode_steps % args.action_chunk != 0,
+         f"--max-episode-steps {args.max_episode_steps} is not a multiple of --action-chunk {args.action_chunk}"),
+        (not 1 <= args.diffusion_steps <= DIFFUSION_T, f"--diffusion-steps must be in 1..{DIFFUSION_T}"),
+        (args.seed_trajectories < 1, "--seed-trajectories must be at least 1 (updates need data)"),
+        (args.total_trajectories < 1, "--total-trajectories must be at least 1"),
+        (min(args.batch_size, args.buffer_size, args.cem_iters, args.horizon, args.action_chunk,
+             args.checkpoint_every, args.sigreg_slices) < 1, "sizes and counts must be positive"),
+        (args.sigreg_points < 2, "--sigreg-points must be at least 2"),
+        (TOKEN_WIDTH - TAU_EMBED_DIM - 3 * args.action_chunk - args.latent_dim < 1,
+         f"--latent-dim {args.latent_dim} leaves no room in the {TOKEN_WIDTH}-wide transformer token"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise ValdiError(message)
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """Flags -> Args. With --resume, the run's saved flags are the base and only the flags
+    given on this command line override them (the dynamics must match)."""
+    given = vars(build_parser(suppress_defaults=True).parse_args(argv))
+    args = Args(**vars(build_parser().parse_args(argv)))
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        saved = dict(ckpt["args"])
+        if "dynamics" in given and given["dynamics"] != saved["dynamics"]:
+            raise ValdiError(f"{args.resume} was trained with --dynamics {saved['dynamics']}, "
+                             f"not {given['dynamics']}")
+        saved.update(given)
+        args = Args(**{f.name: saved.get(f.name, f.default) for f in dataclasses.fields(Args)})
+    check_args(args)
+    return args
+
+
+def pick_device(args: Args) -> torch.device:
+    """CUDA when present and allowed, else CPU: the same code runs on both."""
+    if args.cuda and torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+# =============================================================================================
+# 2. Environment (Supp. E)
+# =============================================================================================
+# CarRacing draws speed, wheel spin, steering and gyro as bars in the bottom 12 rows of its
+# 96x96 frame. Valdi splits the two modalities: the band is blacked out of the image and the
+# same 7 quantities are read exactly from the simulator, with the band's own scales.
+INDICATOR_BAND_START = 84
+PROPRIO_DIM = 7
+ENV_ACTION_DIM = 3  # steer, gas, brake
+
+
+class ValdiCarRacing(gym.ObservationWrapper):
+    """CarRacing-v3 with observation {'rgb': (96, 96, 3) uint8, band zeroed; 'proprio': (7,)}."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.observation_space = gym.spaces.Dict({
+            "rgb": gym.spaces.Box(0, 255, (96, 96, 3), np.uint8),
+            "proprio": gym.spaces.Box(-np.inf, np.inf, (PROPRIO_DIM,), np.float32),
+        })
+
+    def observation(self, frame: np.ndarray) -> dict:
+        rgb = frame.copy()
+        rgb[INDICATOR_BAND_START:] = 0
+        car = self.env.unwrapped.car
+        vx, vy = car.hull.linearVelocity
+        proprio = np.array(
+            [0.02 * math.hypot(vx, vy)]  # true speed bar
+            + [0.01 * wheel.omega for wheel in car.wheels]  # 4 ABS/wheel-spin bars
+            + [-10.0 * car.wheels[0].joint.angle,  # steering bar
+               -0.8 * car.hull.angularVelocity],  # gyroscope bar
+            dtype=np.float32,
+        )
+        return {"rgb": rgb, "proprio": proprio}
+
+
+def make_env(args: Args, render_mode: str | None = None) -> gym.Env:
+    """The modified CarRacing: continuous actions, truncated at --max-episode-steps (600, not
+    1000). Actions in [-1, 1]^3 go in unchanged: CarRacing clips gas to [0, 1] itself and
+    treats a negative brake as no brake, so the planner needs no per-dimension squashing."""
+    env = gym.make("CarRacing-v3", continuous=True, max_episode_steps=args.max_episode_steps,
+                   render_mode=render_mode)
+    env.action_space.seed(args.seed)
+    return ValdiCarRacing(env)
+
+
+# =============================================================================================
+# 3. Networks (Supp. B, Table 2)
+# =============================================================================================
+# All nonlinearities are tanh-approximated GELU. Parameter counts (tested exactly):
+#   encoder 1,052,896 | diffusion dynamics 3,198,387 | MLP dynamics 3,603,520
+#   reward 546,049 | value ensemble 592,898 | Valdi 5,390,230 | MLP baseline 5,795,363
+TOKEN_WIDTH = 256  # transformer width
+TAU_EMBED_DIM = 32  # learned diffusion-timestep embedding
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def gelu() -> nn.Module:
+    return nn.GELU(approximate="tanh")
+
+
+class Encoder(nn.Module):
+    """E_theta: frame and proprio encoded separately, fused by a LayerNorm-prefixed head."""
+
+    def __init__(self, latent_dim: int):
+        super().__init__()
+        # 96 -> 32 -> 16 -> 8 -> 4 -> 1 spatially; GELU after every conv, then a linear embedding.
+        self.pixels = nn.Sequential(
+            nn.Conv2d(3, 16, 5, stride=3, padding=2), gelu(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), gelu(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), gelu(),
+            nn.Conv2d(64, 128, 3, stride=2, padding=1), gelu(),
+            nn.Conv2d(128, 256, 4, stride=1, padding=0), gelu(),
+            nn.Flatten(), nn.Linear(256, 256),
+        )
+        self.proprio = nn.Sequential(nn.Linear(PROPRIO_DIM, 256), gelu(), nn.Linear(256, 256))
+        self.head = nn.Sequential(nn.LayerNorm(512), nn.Linear(512, 512), gelu(), nn.Linear(512, latent_dim))
+        # Not parameters and not saved: constants that follow the module to its device.
+        self.register_buffer("rgb_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("rgb_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, rgb: torch.Tensor, proprio: torch.Tensor) -> torch.Tensor:
+        """rgb (..., 96, 96, 3) uint8, proprio (..., 7) -> z (..., latent_dim)."""
+        lead = rgb.shape[:-3]
+        # uint8 travels to the device (4x less traffic than float); scaling happens there.
+        x = rgb.reshape(-1, *rgb.shape[-3:]).permute(0, 3, 1, 2).float().div_(255.0)
+        x = (x - self.rgb_mean) / self.rgb_std
+        h = torch.cat([self.pixels(x), self.proprio(proprio.reshape(-1, PROPRIO_DIM))], dim=-1)
+        return self.head(h).reshape(*lead, -1)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + Attn(LN(x)), then x + FFN(LN(x)). No biases anywhere, LayerNorm with a
+    weight only (Supp. B). No attention mask: the H future latents are denoised jointly, each
+    token sees the whole trajectory ("bidirectional encoder-only transformer", Sec. 3)."""
+
+    def __init__(self, width: int = TOKEN_WIDTH, heads: int = 8, ffn: int = 512):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width, bias=False)
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.proj = nn.Linear(width, width, bias=False)
+        self.norm2 = nn.LayerNorm(width, bias=False)
+        self.ffn = nn.Sequential(nn.Linear(width, ffn, bias=False), gelu(), nn.Linear(ffn, width, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, W = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, W/heads)
+        x = x + self.proj(attn.transpose(1, 2).reshape(B, L, W))
+        return x + self.ffn(self.norm2(x))
+
+
+class DiffusionDynamics(nn.Module):
+    """D_theta of Valdi: predicts the velocity u_hat of the whole noised future z^tau_{1..H}
+    (Sec. 3, "Dynamics"), conditioned on z_t, the H action chunks and the timestep tau.
+
+    Tokens (width 256), one per world-model step, conditioning by channel concatenation:
+      token 0      = [z_t (64), learned vector (192)]                       the condition
+      token k=1..H = [tau embedding (32), learned position k (151), action chunk k-1 (9),
+                      noised latent k (64)]
+    The learned per-position vector is the only positional encoding.
+    """
+
+    def __init__(self, latent_dim: int, action_dim: int, horizon: int, depth: int = 6):
+        super().__init__()
+        self.tau_embed = nn.Embedding(DIFFUSION_T, TAU_EMBED_DIM)
+        self.cond_fill = nn.Parameter(0.02 * torch.randn(TOKEN_WIDTH - latent_dim))
+        self.position = nn.Parameter(
+            0.02 * torch.randn(horizon, TOKEN_WIDTH - TAU_EMBED_DIM - action_dim - latent_dim))
+        self.blocks = nn.ModuleList(TransformerBlock() for _ in range(depth))
+        self.norm = nn.LayerNorm(TOKEN_WIDTH, bias=False)
+        self.readout = nn.Linear(TOKEN_WIDTH, latent_dim, bias=False)
+        self.register_buffer("alpha_bar", linear_alpha_bar(), persistent=False)
+
+    def forward(self, z0: torch.Tensor, z_noisy: torch.Tensor, actions: torch.Tensor,
+                tau: torch.Tensor) -> torch.Tensor:
+        """z0 (B, D), z_noisy (B, H, D), actions (B, H, A), tau (B,) or () long -> u_hat (B, H, D)."""
+        B, H, _ = z_noisy.shape
+        condition = torch.cat([z0, self.cond_fill.expand(B, -1)], dim=-1).unsqueeze(1)
+        tau_emb = self.tau_embed(tau).reshape(-1, 1, TAU_EMBED_DIM).expand(B, H, -1)
+        future = torch.cat([tau_emb, self.position.expand(B, -1, -1), actions, z_noisy], dim=-1)
+        x = torch.cat([condition, future], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.readout(self.norm(x[:, 1:]))  # token 0's output is discarded
+
+    def sample(self, z0: torch.Tensor, actions: torch.Tensor, steps: int,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Imagine z_{1..H} from pure noise with `steps` deterministic DDIM steps (Sec. 4)."""
+        noise = torch.randn(*actions.shape[:2], z0.shape[-1], device=z0.device, generator=generator)
+        tau = torch.empty((), dtype=torch.long, device=z0.device)
+        return ddim_sample(lambda z, t: self(z0, z, actions, tau.fill_(t)), noise, steps, self.alpha_bar)
+
+
+class ResidualMLP(nn.Module):
+    """Linear in -> n blocks of x + Linear(GELU(Linear(LN(x)))) at width w (FFN 2w) -> Linear out.
+    Used for the MLP dynamics baseline and for the reward model (Table 2); all layers have biases."""
+
+    def __init__(self, d_in: int, width: int, n_blocks: int, d_out: int):
+        super().__init__()
+        self.inp = nn.Linear(d_in, width)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * width), gelu(), nn.Linear(2 * width, width))
+            for _ in range(n_blocks))
+        self.out = nn.Linear(width, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.out(x)
+
+
+class MLPDynamics(nn.Module):
+    """The TD-MPC-style baseline: z_{k+1} = z_k + f([z_k, a_k]), rolled out autoregressively
+    (Eq. 4). Deterministic: one future per action sequence."""
+
+    def __init__(self, latent_dim: int, action_dim: int):
+        super().__init__()
+        self.f = ResidualMLP(latent_dim + action_dim, 384, 6, latent_dim)
+
+    def forward(self, z0: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """z0 (B, D), actions (B, H, A) -> z_{1..H} (B, H, D)."""
+        z, future = z0, []
+        for k in range(actions.shape[1]):
+            z = z + self.f(torch.cat([z, actions[:, k]], dim=-1))
+            future.append(z)
+        return torch.stack(future, dim=1)
+
+
+class ValueEnsemble(nn.Module):
+    """V_theta: two independent state-value heads (no policy prior, hence V rather than Q;
+    Supp. A.1). Wherever one value is needed we take the element-wise minimum of the two,
+    the usual guard against overestimation (Supp. C)."""
+
+    def __init__(self, latent_dim: int):
+        super().__init__()
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.Linear(latent_dim, 512), gelu(), nn.Linear(512, 512), gelu(), nn.Linear(512, 1))
+            for _ in range(2))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z (..., D) -> (2, ...) values of both heads."""
+        return torch.stack([head(z).squeeze(-1) for head in self.heads])
+
+
+class WorldModel(nn.Module):
+    """The four TOLD components of Sec. 3: representation, dynamics, reward, value."""
+
+    def __init__(self, args: Args):
+        super().__init__()
+        self.kind = args.dynamics
+        self.horizon = args.horizon
+        action_dim = ENV_ACTION_DIM * args.action_chunk  # 9: one world-model step = 3 env actions
+        self.encoder = Encoder(args.latent_dim)
+        if args.dynamics == "diffusion":
+            self.dynamics = DiffusionDynamics(args.latent_dim, action_dim, args.horizon)
+        else:
+            self.dynamics = MLPDynamics(args.latent_dim, action_dim)
+        self.reward_head = ResidualMLP(args.latent_dim + action_dim, 256, 2, 1)
+        self.value_heads = ValueEnsemble(args.latent_dim)
+
+    def encode(self, rgb: torch.Tensor, proprio: torch.Tensor) -> torch.Tensor:
+        return self.encoder(rgb, proprio)
+
+    def imagine(self, z0: torch.Tensor, actions: torch.Tensor, diffusion_steps: int = 1,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Latent trajectory [z_0, z_1..z_H] (B, H+1, D) for actions (B, H, A). Valdi denoises
+        the H future latents jointly with `diffusion_steps` DDIM steps; the MLP rolls out."""
+        if self.kind == "diffusion":
+            future = self.dynamics.sample(z0, actions, diffusion_steps, generator)
+        else:
+            future = self.dynamics(z0, actions)
+        return torch.cat([z0.unsqueeze(1), future], dim=1)
+
+    def reward(self, z: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """R_theta(z, a): predicted discounted reward of one action chunk, shape z.shape[:-1]."""
+        return self.reward_head(torch.cat([z, actions], dim=-1)).squeeze(-1)
+
+    def values(self, z: torch.Tensor) -> torch.Tensor:
+        """Both value heads, (2, ...)."""
+        return self.value_heads(z)
+
+    def value(self, z: torch.Tensor) -> torch.Tensor:
+        """min over the two heads: the one value used for TD targets, planning and diagnostics."""
+        return self.value_heads(z).min(dim=0).values
+
+
+def count_parameters(model: WorldModel) -> dict[str, int]:
+    """Trainable parameters per component and in total (Supp. B)."""
+    parts = {"encoder": model.encoder, "dynamics": model.dynamics, "reward": model.reward_head,
+             "value": model.value_heads, "total": model}
+    return {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in parts.items()}
+
+
+# =============================================================================================
+# 4. Diffusion helpers (Supp. A.2)
+# =============================================================================================
+DIFFUSION_T = 1000
+
+
+def linear_alpha_bar(T: int = DIFFUSION_T, beta_1: float = 1e-4, beta_T: float = 2e-2) -> torch.Tensor:
+    """Eq. 8: beta linear from 1e-4 to 2e-2, alpha_bar = cumprod(1 - beta). Index tau in 0..T-1,
+    where index 0 is already one step of noise. Computed in float64, stored in float32."""
+    betas = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
+    return torch.cumprod(1.0 - betas, dim=0).float()
+
+
+def add_noise(z: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Forward noising z^tau = sqrt(ab) z + sqrt(1 - ab) eps (Algorithm 1 line 15)."""
+    return alpha_bar.sqrt() * z + (1 - alpha_bar).sqrt() * eps
+
+
+def velocity_target(z: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """v-parameterisation u = sqrt(ab) eps - sqrt(1 - ab) z (Algorithm 1 line 16; Salimans & Ho).
+    Unlike eps-prediction it stays well-conditioned at tau = 999, where one-step sampling starts."""
+    return alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * z
+
+
+def reconstruct(z_noisy: torch.Tensor, u_hat: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Eq. 1: the one-step denoised estimate z_hat = sqrt(ab) z^tau - sqrt(1 - ab) u_hat."""
+    return alpha_bar.sqrt() * z_noisy - (1 - alpha_bar).sqrt() * u_hat
+
+
+def noise_estimate(z_noisy: torch.Tensor, u_hat: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """eps_hat = sqrt(1 - ab) z^tau + sqrt(ab) u_hat: the noise implied by the same prediction."""
+    return (1 - alpha_bar).sqrt() * z_noisy + alpha_bar.sqrt() * u_hat
+
+
+def ddim_timesteps(n: int, T: int = DIFFUSION_T) -> list[int]:
+    """tau_k = ceil(k T / n) - 1 for k = n..1: n=1 -> [999], n=2 -> [999, 499], n=4 -> [999, 749, 499, 249]."""
+    return [-(-k * T // n) - 1 for k in range(n, 0, -1)]
+
+
+def ddim_sample(velocity_fn, noise: torch.Tensor, steps: int, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) in the v-parameterisation. velocity_fn(z_tau, tau) -> u_hat.
+    Each step predicts the clean sample (Eq. 1) and the noise; the last step returns the clean
+    estimate, earlier ones re-noise it to the next, smaller tau along the same noise direction."""
+    taus = ddim_timesteps(steps)
+    z = noise
+    for i, tau in enumerate(taus):
+        ab = alpha_bar[tau]
+        u_hat = velocity_fn(z, tau)
+        z_hat = reconstruct(z, u_hat, ab)
+        if i == len(taus) - 1:
+            return z_hat
+        ab_next = alpha_bar[taus[i + 1]]
+        z = ab_next.sqrt() * z_hat + (1 - ab_next).sqrt() * noise_estimate(z, u_hat, ab)
+    raise ValueError("steps must be >= 1")
+
+
+# =============================================================================================
+# 5. Losses (Supp. C, Eq. 9) and the update (Algorithm 1 lines 12-21)
+# =============================================================================================
+def sigreg(z: torch.Tensor, num_slices: int = 1024, num_points: int = 17, t_max: float = 3.0) -> torch.Tensor:
+    """SIGReg (Balestriero & LeCun, 2025): pushes the batch of latents towards an isotropic
+    Gaussian, which rules out the collapsed solution where every frame maps to one point.
+
+    Project the N latents onto fresh random unit directions; on each 1-D projection compare the
+    empirical characteristic function with the standard normal's, exp(-t^2/2), by the
+    Epps-Pulley statistic  N * integral w(t) |phi_N(t) - exp(-t^2/2)|^2 dt  over t in [0, 3]
+    (the integrand is even, so the negative half folds into a doubled trapezoid weight),
+    weighted by exp(-t^2/2). Averaged over directions."""
+    N, D = z.shape
+    directions = torch.randn(D, num_slices, device=z.device, dtype=z.dtype)
+    directions = directions / directions.norm(dim=0, keepdim=True)
+    t = torch.linspace(0.0, t_max, num_points, device=z.device, dtype=z.dtype)
+    dt = t_max / (num_points - 1)
+    trapezoid = torch.full_like(t, 2 * dt)
+    trapezoid[0] = trapezoid[-1] = dt
+    gaussian_cf = torch.exp(-0.5 * t**2)
+    tx = (z @ directions).unsqueeze(-1) * t  # (N, slices, points)
+    sq_err = (tx.cos().mean(0) - gaussian_cf) ** 2 + tx.sin().mean(0) ** 2  # (slices, points)
+    return N * (sq_err @ (trapezoid * gaussian_cf)).mean()
+
+
+def chunk_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
+    """(..., chunk) raw env rewards -> (...,) r0 + g r1 + g^2 r2: the reward of one WM step."""
+    discounts = gamma ** torch.arange(rewards.shape[-1], device=rewards.device, dtype=rewards.dtype)
+    return (rewards * discounts).sum(-1)
+
+
+def compute_losses(model: WorldModel, target: WorldModel, batch: dict, args: Args):
+    """Eq. 9 on one batch of replay segments. Returns (total loss, dict of its parts).
+
+    batch: rgb (B, H+2, 96, 96, 3) uint8, proprio (B, H+2, 7), actions (B, H+1, 9),
+    rewards (B, H+1, chunk) raw, terminal (B, H+1) bool. Frame 0 gives z_t; frames 1..H are the
+    dynamics targets; frames 1..H+1 bootstrap the TD targets of latents 0..H.
+    """
+    H = args.horizon
+    gamma_wm = args.gamma ** args.action_chunk  # discount per world-model step
+    rgb, proprio, actions = batch["rgb"], batch["proprio"], batch["actions"]
+    reward_target = chunk_returns(batch["rewards"], args.gamma)  # (B, H+1)
+
+    # Algorithm 1 line 13. Only z_t carries gradient into the encoder.
+    z0 = model.encode(rgb[:, 0], proprio[:, 0])
+    with torch.no_grad():
+        z_bar = target.encode(rgb[:, 1:H + 1], proprio[:, 1:H + 1])  # EMA targets of the dynamics
+        # TD target: r_k + g_wm * min(target heads)(E(s_{k+1})); a termination ends the return,
+        # a truncation (600 frames) does not, so only terminations mask the bootstrap.
+        v_next = target.value(model.encode(rgb[:, 1:], proprio[:, 1:]))
+        td_target = reward_target + gamma_wm * (~batch["terminal"]) * v_next
+
+    if model.kind == "diffusion":
+        # Algorithm 1 lines 14-18: one random tau per segment, shared by its H future tokens.
+        tau = torch.randint(0, DIFFUSION_T, (z0.shape[0],), device=z0.device)
+        ab = model.dynamics.alpha_bar[tau].view(-1, 1, 1)
+        eps = torch.randn_like(z_bar)
+        z_noisy = add_noise(z_bar, eps, ab)
+        u_hat = model.dynamics(z0, z_noisy, actions[:, :H], tau)
+        dynamics_loss = F.mse_loss(u_hat, velocity_target(z_bar, eps, ab))  # Eq. 7
+        future = reconstruct(z_noisy, u_hat, ab)  # Eq. 1: reward and value see denoised latents
+    else:
+        future = model.dynamics(z0, actions[:, :H])  # TD-MPC latent consistency
+        dynamics_loss = F.mse_loss(future, z_bar)
+    trajectory = torch.cat([z0.unsqueeze(1), future], dim=1)  # (B, H+1, D)
+
+    reward_loss = F.mse_loss(model.reward(trajectory, actions), reward_target)
+    v1, v2 = model.values(trajectory)
+    value_loss = 0.5 * (F.mse_loss(v1, td_target) + F.mse_loss(v2, td_target))
+    reg_loss = sigreg(z0, args.sigreg_slices, args.sigreg_points)  # on the first latent only
+
+    total = ((1 - args.sigreg_coef) * (args.diffusion_coef * dynamics_loss + args.reward_coef * reward_loss
+                                       + args.value_coef * value_loss)
+             + args.sigreg_coef * reg_loss)  # Eq. 9
+    parts = {"total": total, "dynamics": dynamics_loss, "reward": reward_loss, "value": value_loss,
+             "sigreg": reg_loss}
+    return total, parts
+
+
+LOSS_NAMES = ("total", "dynamics", "reward", "value", "sigreg")
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
+    """Algorithm 1 line 21: target <- (1 - tau) target + tau online, for every parameter."""
+    for p_target, p_online in zip(target.parameters(), online.parameters()):
+        p_target.lerp_(p_online, tau)
+
+
+def update(model: WorldModel, target: WorldModel, optimizer: torch.optim.Optimizer, batch: dict,
+           args: Args) -> torch.Tensor:
+    """One gradient step (Algorithm 1 lines 19-21). Returns the loss parts as one tensor, left
+    on the device so the caller syncs once per trajectory rather than once per update."""
+    total, parts = compute_losses(model, target, batch, args)
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    optimizer.step()
+    ema_update(target, model, args.ema_tau)
+    return torch.stack([parts[name].detach() for name in LOSS_NAMES])
+
+
+# =============================================================================================
+# 6. Replay (Algorithm 1 line 12)
+# =============================================================================================
+def save_trajectory(path: Path, traj: dict) -> None:
+    """One finished trajectory, written once and atomically (temporary file, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **traj)
+    os.replace(tmp, path)
+
+
+def load_trajectory(path: Path) -> dict:
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files}
+
+
+class ReplayBuffer:
+    """Whole trajectories in preallocated arrays (uint8 frames), oldest overwritten first.
+
+    A sample is a segment of H + 2 frames spaced one action chunk apart (t, t+3, ..., t+18 for
+    H = 5), the H + 1 action chunks and chunk rewards between them. Batches are gathered with
+    one fancy-indexing call per array: no Python loop over samples."""
+
+    def __init__(self, capacity: int, max_steps: int, horizon: int, chunk: int, rng: np.random.Generator):
+        self.capacity, self.horizon, self.chunk, self.rng = capacity, horizon, chunk, rng
+        # np.zeros asks the OS for zeroed pages that are only backed by memory once written.
+        self.rgb = np.zeros((capacity, max_steps + 1, 96, 96, 3), np.uint8)
+        self.proprio = np.zeros((capacity, max_steps + 1, PROPRIO_DIM), np.float32)
+        self.actions = np.zeros((capacity, max_steps, ENV_ACTION_DIM), np.float32)
+        self.rewards = np.zeros((capacity, max_steps), np.float32)
+        self.length = np.zeros(capacity, np.int64)  # env steps; the trajectory has length+1 frames
+        self.terminated = np.zeros(capacity, bool)
+        self.added = 0
+
+    def __len__(self) -> int:
+        return min(self.added, self.capacity)
+
+    def add(self, traj: dict) -> None:
+        slot, n = self.added % self.capacity, len(traj["actions"])
+        self.rgb[slot, : n + 1] = traj["rgb"]
+        self.proprio[slot, : n + 1] = traj["proprio"]
+        self.actions[slot, :n] = traj["actions"]
+        self.rewards[slot, :n] = traj["rewards"]
+        self.length[slot], self.terminated[slot] = n, bool(traj["terminated"])
+        self.added += 1
+
+    @property
+    def span(self) -> int:
+        return self.chunk * (self.horizon + 1)  # env steps covered by one segment: 18
+
+    def can_sample(self) -> bool:
+        return bool((self.length[: len(self)] >= self.span).any())
+
+    def sample(self, batch_size: int) -> dict:
+        """Uniform trajectory, then uniform start t with t + chunk (H + 1) <= length."""
+        span = self.span
+        usable = np.flatnonzero(self.length[: len(self)] >= span)
+        if len(usable) == 0:
+            raise ValdiError(f"no trajectory in the buffer is {span} env steps long yet")
+        traj = usable[self.rng.integers(len(usable), size=batch_size)]
+        length = self.length[traj]
+        start = (self.rng.random(batch_size) * (length - span + 1)).astype(np.int64)
+        frames = start[:, None] + self.chunk * np.arange(self.horizon + 2)  # (B, H+2)
+        steps = start[:, None] + np.arange(span)  # (B, 18)
+        rows = traj[:, None]
+        # A chunk is terminal when the trajectory ended in a termination right at its last step.
+        chunk_ends = start[:, None] + self.chunk * np.arange(1, self.horizon + 2)
+        B = batch_size
+        return {
+            "rgb": self.rgb[rows, frames],  # (B, H+2, 96, 96, 3)
+            "proprio": self.proprio[rows, frames],
+            "actions": self.actions[rows, steps].reshape(B, self.horizon + 1, self.chunk * ENV_ACTION_DIM),
+            "rewards": self.rewards[rows, steps].reshape(B, self.horizon + 1, self.chunk),
+            "terminal": self.terminated[rows] & (chunk_ends == length[:, None]),
+        }
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {key: torch.from_numpy(value).to(device, non_blocking=True) for key, value in batch.items()}
+
+
+# =============================================================================================
+# 7. CEM planner (Supp. D, Eq. 10)
+# =============================================================================================
+def trajectory_return(model: WorldModel, latents: torch.Tensor, actions: torch.Tensor, gamma_wm: float) -> torch.Tensor:
+    """Eq. 10: sum_{h<H} g^h R(z_h, a_h) + g^H min V(z_H), per world-model step g = gamma^chunk."""
+    H = actions.shape[1]
+    discounts = gamma_wm ** torch.arange(H + 1, device=latents.device, dtype=latents.dtype)
+    rewards = model.reward(latents[:, :H], actions)  # (N, H)
+    return rewards @ discounts[:H] + discounts[H] * model.value(latents[:, H])
+
+
+@torch.inference_mode()
+def plan(model: WorldModel, z: torch.Tensor, args: Args, noise_std: float = 0.0,
+         diffusion_steps: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """CEM from each latent in z (B, D). Returns the planned action sequences (B, H, chunk*3)
+    in [-1, 1]: tanh(best + noise_std * N(0, I)). The agent executes the first chunk.
+
+    Everything stays on the device: the population is sampled, imagined, scored, ranked and
+    refit without a single host-device synchronisation; the caller syncs once on the result."""
+    B, D = z.shape
+    P, K, H, c = args.pop_size, args.num_elites, args.horizon, args.action_chunk
+    steps = diffusion_steps or args.diffusion_steps
+    gamma_wm = args.gamma ** c
+    shape = (B, P, H * c, ENV_ACTION_DIM)  # 15 env actions per candidate
+    # Supp. F: (mu0, sigma0) = (0, 1) at every plan; no warm start from the previous plan.
+    mean = torch.zeros(B, 1, H * c, ENV_ACTION_DIM, device=z.device)
+    std = torch.ones_like(mean)
+    z_pop = z.unsqueeze(1).expand(B, P, D).reshape(B * P, D)  # the start latent, once per plan
+    best_score = torch.full((B,), -torch.inf, device=z.device)
+    best = torch.zeros(B, H * c, ENV_ACTION_DIM, device=z.device)
+    for _ in range(args.cem_iters):
+        samples = mean + std * torch.randn(shape, device=z.device, generator=generator)
+        actions = torch.tanh(samples).reshape(B * P, H, c * ENV_ACTION_DIM)  # 5 chunks of 9
+        latents = model.imagine(z_pop, actions, steps, generator)
+        score = trajectory_return(model, latents, actions, gamma_wm).view(B, P)
+        elite_score, elite_idx = score.topk(K, dim=1)  # sorted: column 0 is this iteration's best
+        elites = samples.gather(1, elite_idx[:, :, None, None].expand(B, K, H * c, ENV_ACTION_DIM))
+        mean = elites.mean(dim=1, keepdim=True)
+        std = elites.std(dim=1, unbiased=False, keepdim=True) + 1e-6
+        # Keep the best sample seen in any iteration, not just the last one.
+        improved = elite_score[:, 0] > best_score
+        best_score = torch.where(improved, elite_score[:, 0], best_score)
+        best = torch.where(improved[:, None, None], elites[:, 0], best)
+    if noise_std > 0:  # exploration (Table 3): pre-tanh Gaussian noise on the chosen plan
+        best = best + noise_std * torch.randn(best.shape, device=z.device, generator=generator)
+    return torch.tanh(best).reshape(B, H, c * ENV_ACTION_DIM)
+
+
+def encode_observation(model: WorldModel, obs: dict, device: torch.device) -> torch.Tensor:
+    """One env observation -> its latent (1, D)."""
+    with torch.inference_mode():
+        rgb = torch.from_numpy(obs["rgb"]).to(device).unsqueeze(0)
+        proprio = torch.from_numpy(obs["proprio"]).to(device).unsqueeze(0)
+        return model.encode(rgb, proprio)
+
+
+# =============================================================================================
+# 8. Online loop (Algorithm 1, Table 3)
+# =============================================================================================
+def exploration_std(trajectory: int, args: Args) -> float:
+    """Table 3: pre-tanh noise 0.25 while seeding and for the next 250 trajectories, then linear
+    to 0.05 over 250 trajectories, then 0.05."""
+    j = trajectory - args.seed_trajectories
+    if j < args.explore_hold:
+        return args.explore_std_max
+    frac = 1.0 if args.explore_decay <= 0 else min(1.0, (j - args.explore_hold) / args.explore_decay)
+    return args.explore_std_max + frac * (args.explore_std_min - args.explore_std_max)
+
+
+def collect_trajectory(env: gym.Env, model: WorldModel, args: Args, device: torch.device,
+                       noise_std: float, track_seed: int, diffusion_steps: int | None = None,
+                       generator: torch.Generator | None = None) -> tuple[dict, dict]:
+    """Algorithm 1 lines 5-9 with action chunking: plan, execute the first chunk (3 env steps),
+    replan; 200 plans per 600-frame episode. Returns the trajectory and its statistics."""
+    obs, _ = env.reset(seed=track_seed)
+    rgb, proprio, actions, rewards = [obs["rgb"]], [obs["proprio"]], [], []
+    terminated = truncated = False
+    plan_seconds, plans = 0.0, 0
+    while not (terminated or truncated):
+        t0 = time.perf_counter()
+        z = encode_observation(model, obs, device)
+        chunk = plan(model, z, args, noise_std, diffusion_steps, generator)[0, 0]
+        chunk = chunk.view(args.action_chunk, ENV_ACTION_DIM).cpu().numpy()  # the one sync per plan
+        plan_seconds += time.perf_counter() - t0
+        plans += 1
+        for action in chunk:
+            obs, reward, terminated, truncated, _ = env.step(action)
+            rgb.append(obs["rgb"])
+            proprio.append(obs["proprio"])
+            actions.append(action)
+            rewards.append(reward)
+            if terminated or truncated:
+                break
+    traj = {"rgb": np.stack(rgb), "proprio": np.stack(proprio), "actions": np.stack(actions).astype(np.float32),
+            "rewards": np.asarray(rewards, np.float32), "terminated": np.bool_(terminated),
+            "track_seed": np.int64(track_seed)}
+    stats = {"return": float(np.sum(rewards)), "length": len(rewards), "planner_hz": plans / plan_seconds}
+    return traj, stats
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def save_checkpoint(run_dir: Path, model, target, optimizer, args: Args, counters: dict, rng) -> None:
+    """Everything needed to continue, written atomically: a crash mid-write keeps the old file."""
+    state = {
+        "valdi_checkpoint": 1,
+        "args": dataclasses.asdict(args),
+        "model": model.state_dict(),
+        "target": target.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "counters": dict(counters),
+        "rng": {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    }
+    path = Path(run_dir) / CHECKPOINT_NAME
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Read RUN_DIR/checkpoint.pt (or a .pt path) safely: weights_only=True unpickles tensors and
+    plain containers only, so a checkpoint from elsewhere cannot run code. Any problem is one
+    clear ValdiError."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise ValdiError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated zip, foreign pickle, ... : all mean "unusable file"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValdiError(f"cannot read checkpoint {path}: {reason[:200]}") from None
+    if not isinstance(state, dict) or state.get("valdi_checkpoint") != 1:
+        raise ValdiError(f"{path} is not a Valdi checkpoint")
+    return state
+
+
+def load_run(path: str | Path, device: torch.device | str = "cpu", dynamics: str | None = None):
+    """Load a run's checkpoint for evaluation: returns (args, model). With `dynamics`, refuse a
+    checkpoint of the other kind."""
+    state = load_checkpoint(path, map_location=device)
+    args = Args(**{f.name: state["args"].get(f.name, f.default) for f in dataclasses.fields(Args)})
+    if dynamics is not None and args.dynamics != dynamics:
+        raise ValdiError(f"{path} holds a '{args.dynamics}' model, not '{dynamics}'")
+    model = WorldModel(args).to(device)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError:
+        raise ValdiError(f"{path}: its weights do not fit the model its flags describe") from None
+    return args, model.eval()
+
+
+# --- the loop -----------------------------------------------------------------------------------
+CSV_FIELDS = ["trajectory", "env_steps", "return", "length", "explore_std",
+              *(f"loss_{name}" for name in LOSS_NAMES), "planner_hz", "wall_seconds"]
+
+
+def new_run_dir(args: Args) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(args.runs_dir) / f"{args.exp_name}__{args.dynamics}__s{args.seed}__{stamp}"
+    run_dir, n = base, 1
+    while run_dir.exists():
+        n += 1
+        run_dir = base.with_name(f"{base.name}_{n}")
+    return run_dir
+
+
+def train(args: Args) -> Path:
+    """Algorithm 1: seed trajectories, then alternate one trajectory and N updates. Returns RUN_DIR."""
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    device = pick_device(args)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    model = WorldModel(args).to(device)
+    target = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
+    env = make_env(args)
+    buffer = ReplayBuffer(min(args.buffer_size, args.total_trajectories), args.max_episode_steps,
+                          args.horizon, args.action_chunk, rng)
+    counters = {"trajectories": 0, "env_steps": 0, "updates": 0, "wall_seconds": 0.0}
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        state = load_checkpoint(run_dir, map_location=device)
+        model.load_state_dict(state["model"])
+        target.load_state_dict(state["target"])
+        optimizer.load_state_dict(state["optimizer"])
+        counters.update(state["counters"])
+        rng.bit_generator.state = state["rng"]["numpy"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        # Trajectories finished after the checkpoint are kept and counted: no data is thrown away.
+        files = sorted((run_dir / "trajectories").glob("*.npz"))
+        for index, path in enumerate(files[-buffer.capacity:], start=max(0, len(files) - buffer.capacity)):
+            traj = load_trajectory(path)
+            buffer.add(traj)
+            if index >= counters["trajectories"]:
+                counters["env_steps"] += len(traj["actions"])
+        counters["trajectories"] = len(files)
+        print(f"resumed {run_dir}: {len(files)} trajectories on disk, {counters['updates']} updates done")
+    else:
+        run_dir = new_run_dir(args)
+    (run_dir / "trajectories").mkdir(parents=True, exist_ok=True)
+    (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+
+    n_params = count_parameters(model)
+    print(f"device {device} | dynamics {args.dynamics} | trainable parameters {n_params['total']:,} "
+          + " ".join(f"({k} {v:,})" for k, v in n_params.items() if k != "total"))
+    print(f"run directory {run_dir}")
+
+    csv_path = run_dir / "progress.csv"
+    new_csv = not csv_path.exists()
+    csv_file = open(csv_path, "a", newline="")
+    log = csv.DictWriter(csv_file, fieldnames=CSV_FIELDS)
+    if new_csv:
+        log.writeheader()
+    writer = SummaryWriter(str(run_dir))
+    returns: list[float] = []
+    bar = tqdm(total=args.total_trajectories, initial=counters["trajectories"], unit="traj",
+               desc="trajectory", dynamic_ncols=True)
+    wall_start = time.time() - counters["wall_seconds"]
+
+    def checkpoint():
+        counters["wall_seconds"] = time.time() - wall_start
+        save_checkpoint(run_dir, model, target, optimizer, args, counters, rng)
+
+    def interrupt(signum, frame):  # a scheduler's SIGTERM is handled like Ctrl-C
+        raise KeyboardInterrupt
+    previous_sigterm = signal.signal(signal.SIGTERM, interrupt)
+
+    try:
+        while counters["trajectories"] < args.total_trajectories:
+            k = counters["trajectories"]
+            noise_std = exploration_std(k, args)
+            track_seed = int(rng.integers(2**31 - 1))
+            traj, stats = collect_trajectory(env, model, args, device, noise_std, track_seed)
+            save_trajectory(run_dir / "trajectories" / f"{k:06d}.npz", traj)
+            buffer.add(traj)
+            counters["trajectories"] += 1
+            counters["env_steps"] += stats["length"]
+
+            losses = [float("nan")] * len(LOSS_NAMES)
+            if k >= args.seed_trajectories and buffer.can_sample():  # Algorithm 1 lines 11-22
+                per_update = [update(model, target, optimizer, to_device(buffer.sample(args.batch_size), device), args)
+                              for _ in range(args.updates_per_trajectory)]
+                counters["updates"] += len(per_update)
+                losses = torch.stack(per_update).mean(0).tolist()  # the one sync of the update phase
+                if not all(math.isfinite(x) for x in losses):
+                    raise FloatingPointError(
+                        f"non-finite loss after trajectory {k} ({dict(zip(LOSS_NAMES, losses))}); "
+                        f"stopped, the last good checkpoint in {run_dir} is kept")
+
+            returns.append(stats["return"])
+            row = {"trajectory": k, "env_steps": counters["env_steps"], "return": stats["return"],
+                   "length": stats["length"], "explore_std": noise_std,
+                   **{f"loss_{n}": v for n, v in zip(LOSS_NAMES, losses)},
+                   "planner_hz": stats["planner_hz"], "wall_seconds": time.time() - wall_start}
+            log.writerow({key: ("" if isinstance(v, float) and math.isnan(v) else v) for key, v in row.items()})
+            csv_file.flush()
+            for key, value in row.items():
+                if key != "trajectory" and not (isinstance(value, float) and math.isnan(value)):
+                    writer.add_scalar(f"charts/{key}" if not key.startswith("loss_") else f"losses/{key[5:]}",
+                                      value, k)
+            bar.set_postfix(ret=f"{stats['return']:.1f}", mean10=f"{np.mean(returns[-10:]):.1f}",
+                            hz=f"{stats['planner_hz']:.1f}")
+            bar.update(1)
+            if counters["trajectories"] % args.checkpoint_every == 0 or counters["trajectories"] == args.total_trajectories:
+                checkpoint()
+    except KeyboardInterrupt:
+        bar.close()
+        checkpoint()
+        print(f"\ninterrupted: checkpoint written to {run_dir / CHECKPOINT_NAME}; "
+              f"continue with: python valdi.py --resume {run_dir}", file=sys.stderr)
+        raise SystemExit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+        bar.close()
+        writer.close()
+        csv_file.close()
+        env.close()
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        run_dir = train(args)
+    except ValdiError as exc:
+        print(f"valdi.py: error: {exc}", file=sys.stderr)
+        return 2
+    except FloatingPointError as exc:
+        print(f"valdi.py: {exc}", file=sys.stderr)
+        return 1
+    print(f"done: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
