@@ -162,8 +162,8 @@ def check_args(args: Args) -> None:
 def parse_args(argv: list[str] | None = None) -> Args:
     """Flags -> Args. With --resume, the run's saved flags are the base and only the flags
     given on this command line override them (the dynamics must match)."""
+    args = Args(**vars(build_parser().parse_args(argv)))  # handles --help and bad flags
     given = vars(build_parser(suppress_defaults=True).parse_args(argv))
-    args = Args(**vars(build_parser().parse_args(argv)))
     if args.resume:
         ckpt = load_checkpoint(args.resume)
         saved = dict(ckpt["args"])
@@ -528,6 +528,18 @@ def chunk_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
     return (rewards * discounts).sum(-1)
 
 
+@torch.no_grad()
+def td_targets(model: WorldModel, target: WorldModel, batch: dict, reward_target: torch.Tensor,
+               args: Args) -> torch.Tensor:
+    """TD targets of latents 0..H: r_k + g_wm * min(target heads)(E(s_{k+1})), frames 1..H+1
+    encoded by the online encoder, no gradient. A termination (off the playfield, lap done) ends
+    the return, so it masks the bootstrap; a truncation at 600 frames does not: the car would
+    have driven on, and its value is still there to bootstrap from."""
+    gamma_wm = args.gamma ** args.action_chunk  # discount per world-model step
+    v_next = target.value(model.encode(batch["rgb"][:, 1:], batch["proprio"][:, 1:]))
+    return reward_target + gamma_wm * (~batch["terminal"]) * v_next
+
+
 def compute_losses(model: WorldModel, target: WorldModel, batch: dict, args: Args):
     """Eq. 9 on one batch of replay segments. Returns (total loss, dict of its parts).
 
@@ -536,7 +548,6 @@ def compute_losses(model: WorldModel, target: WorldModel, batch: dict, args: Arg
     dynamics targets; frames 1..H+1 bootstrap the TD targets of latents 0..H.
     """
     H = args.horizon
-    gamma_wm = args.gamma ** args.action_chunk  # discount per world-model step
     rgb, proprio, actions = batch["rgb"], batch["proprio"], batch["actions"]
     reward_target = chunk_returns(batch["rewards"], args.gamma)  # (B, H+1)
 
@@ -544,10 +555,7 @@ def compute_losses(model: WorldModel, target: WorldModel, batch: dict, args: Arg
     z0 = model.encode(rgb[:, 0], proprio[:, 0])
     with torch.no_grad():
         z_bar = target.encode(rgb[:, 1:H + 1], proprio[:, 1:H + 1])  # EMA targets of the dynamics
-        # TD target: r_k + g_wm * min(target heads)(E(s_{k+1})); a termination ends the return,
-        # a truncation (600 frames) does not, so only terminations mask the bootstrap.
-        v_next = target.value(model.encode(rgb[:, 1:], proprio[:, 1:]))
-        td_target = reward_target + gamma_wm * (~batch["terminal"]) * v_next
+    td_target = td_targets(model, target, batch, reward_target, args)
 
     if model.kind == "diffusion":
         # Algorithm 1 lines 14-18: one random tau per segment, shared by its H future tokens.

@@ -1,0 +1,687 @@
+"""decoder.py -- look at Valdi's imagined futures: the post-hoc pixel decoder (Supp. G), LPIPS
+diversity against inference diffusion steps (Sec. 4, Fig. 3 right) and the diverse-futures
+figure (Supp. G.2, Fig. 5).
+
+Latents cannot be looked at. The paper therefore trains, after the agent is finished, a small
+Vision Transformer that maps one 64-d latent back to a 96x96 frame, and uses it for two things:
+
+    * Fig. 3 (right): from several real start states, imagine N = 100 futures with the same
+      planned action sequence, decode the final imagined latent of each, and report the mean
+      pairwise LPIPS between those frames for 1, 2, 4 and 8 DDIM steps ("more variety");
+    * Fig. 5: from one start state, keep the 4 of 100 futures whose decoded final frames are
+      most different from each other and draw each of their 6 latents (start + 5 imagined).
+
+The decoder never feeds back into the agent: it is trained on the *frozen* encoder's latents of
+an on-policy dataset that the same trained model collected (Supp. G, "Decoder"), so it learns
+exactly the latent distribution its own model visits.
+
+Four subcommands, each taking a RUN_DIR made by valdi.py and writing into RUN_DIR/decoder/:
+
+    python decoder.py collect   RUN_DIR   # dataset.npz: on-policy frames, split by episode
+    python decoder.py train     RUN_DIR   # decoder.pt, train_log.csv, reconstructions.png
+    python decoder.py diversity RUN_DIR   # diversity.json + a table (Fig. 3 right)
+    python decoder.py futures   RUN_DIR   # futures.png + futures.json (Fig. 5)
+
+Everything about the agent (flags, environment, networks, planner, checkpoints) is imported from
+valdi.py; this file only adds the decoder and the measurements built on it. Importing it does
+no work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import valdi
+from valdi import ValdiError
+
+DECODER_DIR = "decoder"
+DATASET_NAME = "dataset.npz"
+DECODER_NAME = "decoder.pt"
+IMAGE_SIZE = 96  # CarRacing frames are 96 x 96 RGB (Supp. E)
+
+# Fig. 3 (right), mean pairwise LPIPS of decoded final states, read off the published figure
+# (facts file, "Figure 3"). Printed next to our numbers; comparable only with the pretrained
+# AlexNet LPIPS and a fully trained agent.
+PAPER_LPIPS = {1: 0.006, 2: 0.025, 4: 0.033, 8: 0.039}
+
+
+def decoder_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / DECODER_DIR
+
+
+# =============================================================================================
+# 1. The decoder (Supp. G, "Decoder")
+# =============================================================================================
+class ViTDecoder(nn.Module):
+    """A Vision Transformer from one latent (64) to one frame (3, 96, 96) in [0, 1].
+
+    A single latent has no spatial layout, so every one of the 24 x 24 = 576 patch tokens (4 x 4
+    pixels each) starts as the *same* projection of z; only the learned position embedding tells
+    the tokens apart, and the 3 transformer blocks let each patch work out what belongs at its
+    place given the whole latent. The blocks are valdi's own pre-norm, bias-free blocks (width 256,
+    8 heads, FFN 512) without a mask: every patch sees every other one. Each token is finally
+    read out as its 4 x 4 x 3 = 48 pixels, squashed into [0, 1] by a sigmoid (the encoder's input
+    range before its ImageNet normalisation), and the patches are folded back into the image.
+
+    Parameters (tested exactly; facts file: 1,750,784):
+      embed 64*256 = 16,384 | position 576*256 = 147,456 | 3 blocks x 524,800 = 1,574,400
+      | final LayerNorm 256 | readout 256*48 = 12,288
+    """
+
+    def __init__(self, latent_dim: int = 64, width: int = 256, depth: int = 3, heads: int = 8,
+                 ffn: int = 512, patch: int = 4, image_size: int = IMAGE_SIZE):
+        super().__init__()
+        self.patch, self.grid = patch, image_size // patch  # 24 patches per side
+        self.embed = nn.Linear(latent_dim, width, bias=False)
+        self.position = nn.Parameter(0.02 * torch.randn(self.grid * self.grid, width))
+        self.blocks = nn.ModuleList(valdi.TransformerBlock(width, heads, ffn) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, bias=False)
+        self.readout = nn.Linear(width, patch * patch * 3, bias=False)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, 64) -> images (B, 3, 96, 96) in [0, 1]."""
+        B = z.shape[0]
+        x = self.embed(z).unsqueeze(1) + self.position  # (B, 576, 256): one latent, copied
+        for block in self.blocks:
+            x = block(x)
+        pixels = torch.sigmoid(self.readout(self.norm(x)))  # (B, 576, 48)
+        # Fold: token (row i, column j) holds the 4 x 4 x 3 block at rows 4i.., columns 4j...
+        g, p = self.grid, self.patch
+        return pixels.view(B, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(B, 3, g * p, g * p)
+
+
+def frames_to_float(rgb: torch.Tensor) -> torch.Tensor:
+    """uint8 frames (B, 96, 96, 3) -> the decoder's target (B, 3, 96, 96) in [0, 1]. The band
+    of rows 84.. is already black in every frame (Supp. E), so the decoder learns to draw it black."""
+    return rgb.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+@torch.inference_mode()
+def decode(decoder: ViTDecoder, z: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """Decode any number of latents (N, 64) in chunks: attention over 576 tokens costs
+    8 x 576^2 floats per image, so a few hundred images at once would not fit in memory."""
+    return torch.cat([decoder(chunk) for chunk in z.split(batch_size)]) if len(z) else z.new_zeros(0, 3, 96, 96)
+
+
+def save_decoder(path: Path, decoder: ViTDecoder, meta: dict) -> None:
+    """Atomic (temporary file, then rename), and only tensors and plain containers inside, so
+    that torch.load(weights_only=True) can read it without running any pickled code."""
+    state = {"valdi_decoder": 1, "decoder": decoder.state_dict(), **meta}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_decoder(run_dir: str | Path, device: torch.device, latent_dim: int) -> tuple[ViTDecoder, dict]:
+    path = decoder_dir(run_dir) / DECODER_NAME
+    if not path.is_file():
+        raise ValdiError(f"no decoder at {path}; run `python decoder.py train {run_dir}` first")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValdiError(f"cannot read decoder {path}: {reason[:200]}") from None
+    if not isinstance(state, dict) or state.get("valdi_decoder") != 1:
+        raise ValdiError(f"{path} is not a decoder checkpoint")
+    decoder = ViTDecoder(latent_dim).to(device)
+    try:
+        decoder.load_state_dict(state["decoder"])
+    except RuntimeError:
+        raise ValdiError(f"{path} does not fit this run's latent size {latent_dim}") from None
+    return decoder.eval(), state
+
+
+# =============================================================================================
+# 2. The on-policy dataset (Supp. G: "collected by rolling out exactly the model whose latents
+#    it reconstructs")
+# =============================================================================================
+DATASET_KEYS = ("rgb", "proprio", "episode", "step", "is_val")
+
+
+def load_dataset(run_dir: str | Path) -> dict:
+    """RUN_DIR/decoder/dataset.npz as a dict of arrays (also read by eval_diagnostics.py):
+    rgb (N, 96, 96, 3) uint8, proprio (N, 7) float32, episode (N,) int32, step (N,) int32 (env
+    step of the frame in its episode, 0 = after reset), is_val (N,) bool (whole episodes)."""
+    path = decoder_dir(run_dir) / DATASET_NAME
+    if not path.is_file():
+        raise ValdiError(f"no dataset at {path}; run `python decoder.py collect {run_dir}` first")
+    try:
+        data = valdi.load_trajectory(path)  # the same plain-npz reader as the replay files
+    except Exception as exc:
+        raise ValdiError(f"cannot read dataset {path}: {str(exc)[:200]}") from None
+    missing = [key for key in DATASET_KEYS if key not in data]
+    if missing:
+        raise ValdiError(f"{path} lacks {', '.join(missing)}; collect it again")
+    return data
+
+
+def collect(opts) -> Path:
+    """Roll out the run's own planner with no exploration noise on --episodes fresh tracks and
+    keep every frame (with its proprio), episode by episode."""
+    from tqdm import tqdm
+
+    device = valdi.pick_device(valdi.Args(cuda=opts.cuda))
+    args, model = valdi.load_run(opts.run_dir, device)
+    if opts.max_episode_steps is not None:
+        args.max_episode_steps = opts.max_episode_steps
+        valdi.check_args(args)
+    out = decoder_dir(opts.run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(opts.seed)
+    generator = torch.Generator(device=device).manual_seed(opts.seed)
+    # Tracks of their own: neither the training tracks (seeded by --seed of the run) nor the 100
+    # evaluation tracks (default_rng(12345), Sec. 4) are reused unless the seeds collide.
+    track_seeds = np.random.default_rng(opts.seed).integers(2**31 - 1, size=opts.episodes)
+    n_val = max(1, round(opts.val_fraction * opts.episodes))
+    env = valdi.make_env(args)
+    parts: dict[str, list] = {key: [] for key in DATASET_KEYS}
+    returns = []
+    bar = tqdm(range(opts.episodes), unit="episode", desc="collect", dynamic_ncols=True)
+    try:
+        for e in bar:
+            # Noise 0: the dataset should show what the trained agent itself does, which is the
+            # latent distribution the decoder will later be asked to draw.
+            traj, stats = valdi.collect_trajectory(env, model, args, device, 0.0, int(track_seeds[e]),
+                                                   generator=generator)
+            n = len(traj["rgb"])  # L + 1 frames: the reset frame and one per env step
+            parts["rgb"].append(traj["rgb"])
+            parts["proprio"].append(traj["proprio"].astype(np.float32))
+            parts["episode"].append(np.full(n, e, np.int32))
+            parts["step"].append(np.arange(n, dtype=np.int32))
+            # Split by whole episodes (the last n_val): neighbouring frames of one episode are
+            # near-duplicates, so a per-frame split would leak the training set into validation.
+            parts["is_val"].append(np.full(n, e >= opts.episodes - n_val, bool))
+            returns.append(stats["return"])
+            bar.set_postfix(ret=f"{stats['return']:.1f}", frames=sum(map(len, parts["step"])))
+    finally:
+        bar.close()
+        env.close()
+    data = {key: np.concatenate(value) for key, value in parts.items()}
+    data["track_seeds"] = track_seeds.astype(np.int64)  # per episode
+    data["returns"] = np.asarray(returns, np.float32)  # per episode
+    path = out / DATASET_NAME
+    valdi.save_trajectory(path, data)  # compressed npz, temporary file + os.replace
+    print(f"{len(data['rgb'])} frames from {opts.episodes} episodes ({n_val} for validation), "
+          f"mean return {np.mean(returns):.1f} -> {path}")
+    return path
+
+
+# =============================================================================================
+# 3. Training the decoder on frozen latents
+# =============================================================================================
+@torch.inference_mode()
+def encode_frames(model: valdi.WorldModel, rgb: np.ndarray, proprio: np.ndarray, device: torch.device,
+                  batch_size: int = 256, desc: str | None = None) -> torch.Tensor:
+    """Latents of dataset frames under inference mode: no graph, so the encoder cannot be
+    updated by the decoder's loss. Computed once, since a frozen encoder always gives the same z."""
+    from tqdm import tqdm
+
+    zs = []
+    for i in tqdm(range(0, len(rgb), batch_size), desc=desc, unit="batch", disable=desc is None,
+                  dynamic_ncols=True):
+        zs.append(model.encode(torch.from_numpy(rgb[i:i + batch_size]).to(device),
+                               torch.from_numpy(proprio[i:i + batch_size]).to(device)))
+    return torch.cat(zs) if zs else torch.zeros(0, model.encoder.head[-1].out_features, device=device)
+
+
+def evenly_spaced(n: int, k: int) -> np.ndarray:
+    """k indices spread over range(n) (all of them if k >= n)."""
+    return np.unique(np.linspace(0, n - 1, min(k, n)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
+
+
+def train(opts) -> Path:
+    from tqdm import tqdm
+
+    device = valdi.pick_device(valdi.Args(cuda=opts.cuda))
+    args, model = valdi.load_run(opts.run_dir, device)
+    data = load_dataset(opts.run_dir)
+    is_val = data["is_val"].astype(bool)
+    train_idx, val_idx = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    if len(train_idx) == 0 or len(val_idx) == 0:
+        raise ValdiError("the dataset needs both training and validation episodes; collect with --episodes >= 2")
+    model.requires_grad_(False)  # frozen: the decoder explains the latents, never reshapes them
+    torch.manual_seed(opts.seed)
+    generator = torch.Generator().manual_seed(opts.seed)
+
+    latents = encode_frames(model, data["rgb"], data["proprio"], device, desc="encode")
+    rgb = torch.from_numpy(data["rgb"])  # stays on the host as uint8; batches travel
+    val_idx = val_idx[evenly_spaced(len(val_idx), opts.val_max_frames)]
+
+    decoder = ViTDecoder(args.latent_dim).to(device)
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=opts.lr)
+    out = decoder_dir(opts.run_dir)
+    log_path = out / "train_log.csv"
+    history = {"step": [], "train_loss": [], "val_loss": []}
+
+    @torch.inference_mode()
+    def validation_loss() -> float:
+        decoder.eval()
+        total = 0.0
+        for chunk in torch.from_numpy(val_idx).split(opts.batch_size):
+            target = frames_to_float(rgb[chunk].to(device))
+            total += F.mse_loss(decoder(latents[chunk.to(device)]), target, reduction="sum").item()
+        decoder.train()
+        return total / (len(val_idx) * 3 * IMAGE_SIZE * IMAGE_SIZE)  # per pixel and channel
+
+    def record(step: int, train_loss: float) -> None:
+        val = validation_loss()
+        for key, value in zip(history, (step, train_loss, val)):
+            history[key].append(value)
+        with open(log_path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(history.keys())
+            writer.writerows(zip(*history.values()))
+        save_decoder(out / DECODER_NAME, decoder, {
+            "latent_dim": args.latent_dim, "steps": step, "val_loss": val, "history": history,
+            "train_frames": int(len(train_idx)), "val_frames": int(len(val_idx))})
+
+    record(0, float("nan"))  # the untrained decoder's validation loss: the number to beat
+    bar = tqdm(range(1, opts.steps + 1), unit="step", desc="train decoder", dynamic_ncols=True)
+    running, seen, step = 0.0, 0, 1
+    try:
+        for step in bar:
+            pick = torch.from_numpy(train_idx)[torch.randint(len(train_idx), (opts.batch_size,), generator=generator)]
+            target = frames_to_float(rgb[pick].to(device, non_blocking=True))
+            loss = F.mse_loss(decoder(latents[pick.to(device)]), target)  # pixel MSE (Supp. G)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running, seen = running + loss.item(), seen + 1
+            if step % opts.eval_every == 0 or step == opts.steps:
+                record(step, running / seen)
+                running, seen = 0.0, 0
+                bar.set_postfix(train=f"{history['train_loss'][-1]:.4f}", val=f"{history['val_loss'][-1]:.4f}")
+    except KeyboardInterrupt:  # keep what was learnt; the last finished step is `step - 1`
+        bar.close()
+        record(step - 1, running / max(seen, 1))
+        print(f"\ninterrupted: decoder of step {step - 1} saved to {out / DECODER_NAME}", file=sys.stderr)
+        raise SystemExit(130)
+    bar.close()
+    print(f"validation MSE per pixel: {history['val_loss'][0]:.5f} (untrained) -> "
+          f"{history['val_loss'][-1]:.5f} after {opts.steps} steps; decoder -> {out / DECODER_NAME}")
+
+    # Look at it: validation frames (top) above the decoder's reading of their latents (bottom).
+    show = val_idx[evenly_spaced(len(val_idx), opts.num_images)]
+    recon = decode(decoder.eval(), latents[torch.from_numpy(show).to(device)])
+    png = out / "reconstructions.png"
+    save_grid(png, [to_hwc(frames_to_float(rgb[show])), to_hwc(recon)],
+              row_labels=["validation frame", "decoded E(frame)"],
+              col_titles=[f"ep {data['episode'][i]} t={data['step'][i]}" for i in show],
+              title=f"decoder reconstructions (validation MSE {history['val_loss'][-1]:.4f})")
+    print(f"reconstructions -> {png}")
+    return out / DECODER_NAME
+
+
+# =============================================================================================
+# 4. LPIPS, batched over all pairs (Zhang et al., 2018)
+# =============================================================================================
+def make_lpips(random_backbone: bool, device: torch.device):
+    """LPIPS with the AlexNet trunk, as is standard. Its linear heads ship with the `lpips`
+    package; the trunk's ImageNet weights are downloaded by torchvision on first use. For
+    offline machines and tests, --lpips-random-backbone keeps the heads but a randomly
+    initialised trunk: it still measures image differences, but on another scale."""
+    import lpips
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's deprecation notes about `pretrained=`
+        try:
+            model = lpips.LPIPS(net="alex", pnet_rand=random_backbone, verbose=False)
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValdiError(f"cannot load the pretrained AlexNet that LPIPS needs (torchvision downloads "
+                             f"it once): {reason[:150]}; --lpips-random-backbone works offline") from None
+    if random_backbone:
+        print("note: LPIPS with a RANDOM AlexNet trunk (--lpips-random-backbone): its numbers are "
+              "not comparable with the paper's")
+    return model.to(device).eval().requires_grad_(False)
+
+
+@torch.inference_mode()
+def pairwise_lpips(lp, images: torch.Tensor) -> torch.Tensor:
+    """All pairwise LPIPS distances between N images (N, 3, H, W) in [0, 1] -> (N, N) float64.
+
+    LPIPS(x, y) = sum over trunk layers l of mean over positions of
+                  sum_c w_lc (f_lc(x) - f_lc(y))^2,   f = channel-normalised trunk features.
+    Expanding the square, sum_c w (a - b)^2 = <a, wa> + <b, wb> - 2 <a, wb>, so for all pairs at
+    once it is a weighted Gram matrix per layer: one trunk pass over the N images and one matrix
+    product, instead of recomputing AlexNet for each of the N (N - 1) / 2 pairs (4,950 for
+    N = 100). Same weights and normalisation as lpips.LPIPS.forward (tested against it); float64
+    keeps the cancellation harmless even at the paper's LPIPS of 0.006."""
+    import lpips
+
+    x = lp.scaling_layer(images * 2 - 1)  # LPIPS expects images in [-1, 1]
+    distance = torch.zeros(len(images), len(images), dtype=torch.float64, device=images.device)
+    for feature, head in zip(lp.net(x), lp.lins):
+        f = lpips.normalize_tensor(feature).double()  # (N, C, h, w), unit norm over channels
+        w = head.model[-1].weight.double().view(1, -1, 1, 1)  # the 1x1 conv of the linear head
+        N, hw = f.shape[0], f.shape[2] * f.shape[3]
+        gram = (f * w).reshape(N, -1) @ f.reshape(N, -1).T / hw  # <f_i, w f_j>, spatially averaged
+        self_term = gram.diagonal()
+        distance += self_term[:, None] + self_term[None, :] - 2 * gram
+    distance.fill_diagonal_(0.0)
+    return distance.clamp_(min=0.0)
+
+
+def mean_pairwise(distance: torch.Tensor) -> float:
+    """Mean over the N (N - 1) / 2 distinct pairs."""
+    i, j = torch.triu_indices(len(distance), len(distance), offset=1)
+    return float(distance[i, j].mean())
+
+
+def most_different_four(distance: np.ndarray) -> tuple[tuple[int, int, int, int], float]:
+    """The 4-subset with the largest sum of its 6 pairwise distances (Supp. G.2: "the subset of
+    4 trajectories that minimizes mutual similarity"). Exact search over all C(N, 4) subsets
+    (3,921,225 for N = 100), done with arrays: fix the smallest index a in a Python loop (N
+    iterations); for all b < c < d above it at once, the score
+        D_ab + D_ac + D_ad + D_bc + D_bd + D_cd
+    is one broadcast (N - a - 1)^3 array, masked to b < c < d, and its argmax is the best subset
+    with smallest index a. The best of these N candidates is the exact optimum; about N^4 / 4
+    additions in all, well under a second for N = 100. Ties go to the first in index order."""
+    D = np.asarray(distance, dtype=np.float64)
+    N = len(D)
+    if N < 4:
+        raise ValdiError(f"need at least 4 futures to choose 4, got {N}")
+    upper = np.triu(np.ones((N, N), bool), k=1)
+    best_score, best = -np.inf, None
+    for a in range(N - 3):
+        m = N - a - 1
+        r, S = D[a, a + 1:], D[a + 1:, a + 1:]  # distances from a, and among the later indices
+        score = (r[:, None, None] + r[None, :, None] + r[None, None, :]
+                 + S[:, :, None] + S[:, None, :] + S[None, :, :])  # axes (b, c, d)
+        ordered = upper[:m, :m, None] & upper[None, :m, :m]  # b < c and c < d
+        score = np.where(ordered, score, -np.inf)
+        flat = int(np.argmax(score))
+        if score.flat[flat] > best_score:
+            b, c, d = np.unravel_index(flat, score.shape)
+            best_score, best = float(score.flat[flat]), (a, a + 1 + int(b), a + 1 + int(c), a + 1 + int(d))
+    return best, best_score
+
+
+# =============================================================================================
+# 5. Imagining futures (Sec. 4, "Performance and Multimodality")
+# =============================================================================================
+def start_frames(data: dict, skip: int) -> np.ndarray:
+    """Candidate start states: validation frames past each episode's first `skip` frames.
+    CarRacing zooms in from far above during its first second (50 frames), so those frames
+    look like no other state the agent plans from."""
+    candidates = np.flatnonzero(data["is_val"].astype(bool) & (data["step"] >= skip))
+    if len(candidates) == 0:
+        raise ValdiError(f"no validation frame has step >= {skip}; lower --skip-frames or collect longer episodes")
+    return candidates
+
+
+def imagine_futures(model: valdi.WorldModel, z0: torch.Tensor, actions: torch.Tensor, n: int,
+                    steps: int, generator: torch.Generator) -> torch.Tensor:
+    """N futures (N, H+1, D) of one start latent z0 (1, D) under one action sequence (1, H, A).
+    Repeating the pair N times is enough: the diffusion sampler draws fresh Gaussian noise for
+    every row, so the rows differ only by the sampler's noise; the MLP returns N copies."""
+    with torch.inference_mode():
+        return model.imagine(z0.expand(n, -1), actions.expand(n, -1, -1), steps, generator)
+
+
+def diversity(opts) -> dict:
+    """Fig. 3 (right): mean pairwise LPIPS of the decoded final states of --num-futures futures,
+    per number of DDIM steps, averaged over --num-starts start states (with the spread)."""
+    from tqdm import tqdm
+
+    if opts.num_futures < 2:
+        raise ValdiError("--num-futures must be at least 2 (LPIPS compares pairs)")
+    if opts.num_starts < 1:
+        raise ValdiError("--num-starts must be at least 1")
+    if any(not 1 <= s <= valdi.DIFFUSION_T for s in opts.diffusion_steps):
+        raise ValdiError(f"--diffusion-steps must lie in 1..{valdi.DIFFUSION_T}")
+    device = valdi.pick_device(valdi.Args(cuda=opts.cuda))
+    args, model = valdi.load_run(opts.run_dir, device)
+    data = load_dataset(opts.run_dir)
+    decoder, _ = load_decoder(opts.run_dir, device, args.latent_dim)
+    candidates = start_frames(data, opts.skip_frames)
+    if opts.num_starts > len(candidates):
+        raise ValdiError(f"--num-starts {opts.num_starts} exceeds the {len(candidates)} eligible validation frames")
+    starts = candidates[evenly_spaced(len(candidates), opts.num_starts)]
+    lp = make_lpips(opts.lpips_random_backbone, device)
+    torch.manual_seed(opts.seed)
+    generator = torch.Generator(device=device).manual_seed(opts.seed)
+
+    z0 = encode_frames(model, data["rgb"][starts], data["proprio"][starts], device)
+    # One action sequence per start, planned as the agent would act (noise 0, the run's own
+    # inference steps), and kept fixed across step counts: only the sampler varies.
+    actions = valdi.plan(model, z0, args, 0.0, None, generator)
+    per_start = np.zeros((len(opts.diffusion_steps), len(starts)))
+    bar = tqdm(total=per_start.size, unit="set", desc="diversity", dynamic_ncols=True)
+    for s, z, a in zip(range(len(starts)), z0, actions):
+        for k, steps in enumerate(opts.diffusion_steps):
+            finals = imagine_futures(model, z[None], a[None], opts.num_futures, steps, generator)[:, -1]
+            images = decode(decoder, finals, opts.decode_batch)
+            per_start[k, s] = mean_pairwise(pairwise_lpips(lp, images))
+            bar.update(1)
+    bar.close()
+
+    result = {
+        "diffusion_steps": [int(s) for s in opts.diffusion_steps],
+        "lpips_mean": per_start.mean(axis=1).tolist(),
+        "lpips_std": per_start.std(axis=1).tolist(),  # spread over start states
+        "lpips_per_start": per_start.tolist(),  # [step count][start]
+        "num_starts": int(len(starts)), "num_futures": int(opts.num_futures),
+        "start_indices": starts.tolist(),  # rows of dataset.npz
+        "dynamics": model.kind, "lpips_backbone": "random" if opts.lpips_random_backbone else "alexnet",
+        "comparable_with_paper": not opts.lpips_random_backbone,
+        "paper_lpips": {str(k): v for k, v in PAPER_LPIPS.items()},
+    }
+    path = decoder_dir(opts.run_dir) / "diversity.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, path)
+
+    print(f"\nmean pairwise LPIPS of decoded final states ({model.kind}, {len(starts)} starts x "
+          f"{opts.num_futures} futures, {result['lpips_backbone']} LPIPS)")
+    print(f"{'DDIM steps':>10} | {'LPIPS mean':>10} | {'std':>8} | {'paper':>6}")
+    for steps, mean, std in zip(result["diffusion_steps"], result["lpips_mean"], result["lpips_std"]):
+        paper = f"{PAPER_LPIPS[steps]:.3f}" if steps in PAPER_LPIPS else "-"
+        print(f"{steps:>10} | {mean:>10.4f} | {std:>8.4f} | {paper:>6}")
+    print(f"-> {path}")
+    return result
+
+
+def futures(opts) -> Path:
+    """Fig. 5: the 4 most mutually different of --num-futures futures from one start state."""
+    from tqdm import tqdm
+
+    if opts.num_futures < 4:
+        raise ValdiError(f"--num-futures {opts.num_futures} is fewer than the 4 futures the figure shows")
+    if not 1 <= opts.diffusion_steps <= valdi.DIFFUSION_T:
+        raise ValdiError(f"--diffusion-steps must lie in 1..{valdi.DIFFUSION_T}")
+    device = valdi.pick_device(valdi.Args(cuda=opts.cuda))
+    args, model = valdi.load_run(opts.run_dir, device)
+    data = load_dataset(opts.run_dir)
+    decoder, _ = load_decoder(opts.run_dir, device, args.latent_dim)
+    if opts.start is None:
+        candidates = start_frames(data, opts.skip_frames)
+        start = int(candidates[len(candidates) // 2])
+    elif not 0 <= opts.start < len(data["rgb"]):
+        raise ValdiError(f"--start {opts.start} is not a frame of the dataset (0..{len(data['rgb']) - 1})")
+    else:
+        start = opts.start
+    lp = make_lpips(opts.lpips_random_backbone, device)
+    torch.manual_seed(opts.seed)
+    generator = torch.Generator(device=device).manual_seed(opts.seed)
+
+    bar = tqdm(total=4, unit="stage", desc="futures", dynamic_ncols=True)
+    z0 = encode_frames(model, data["rgb"][start:start + 1], data["proprio"][start:start + 1], device)
+    actions = valdi.plan(model, z0, args, 0.0, None, generator)  # one plan, as the agent would act
+    trajectories = imagine_futures(model, z0, actions, opts.num_futures, opts.diffusion_steps, generator)
+    bar.update(1)
+    finals = decode(decoder, trajectories[:, -1], opts.decode_batch)
+    bar.update(1)
+    distance = pairwise_lpips(lp, finals)
+    chosen, score = most_different_four(distance.cpu().numpy())
+    bar.update(1)
+    # Each state of each chosen trajectory is decoded on its own (Supp. G.2); column 0 is the
+    # decoded start latent, identical in every row.
+    rows = decode(decoder, trajectories[list(chosen)].reshape(-1, trajectories.shape[-1]), opts.decode_batch)
+    rows = to_hwc(rows).reshape(4, trajectories.shape[1], IMAGE_SIZE, IMAGE_SIZE, 3)
+    bar.update(1)
+    bar.close()
+
+    c = args.action_chunk
+    col_titles = ["start (decoded $z_0$)"] + [f"$\\hat z_{h}$ (t+{h * c})" for h in range(1, trajectories.shape[1])]
+    out = decoder_dir(opts.run_dir)
+    png = out / "futures.png"
+    save_grid(png, list(rows), row_labels=[f"future {i}" for i in chosen], col_titles=col_titles,
+              title=(f"{model.kind}: 4 most different of {opts.num_futures} futures, "
+                     f"{opts.diffusion_steps} DDIM steps (dataset frame {start}; "
+                     f"sum of 6 LPIPS {score:.3f}, mean over all pairs {mean_pairwise(distance):.3f})"))
+    info = {"start_index": start, "episode": int(data["episode"][start]), "step": int(data["step"][start]),
+            "num_futures": opts.num_futures, "diffusion_steps": opts.diffusion_steps, "chosen": list(chosen),
+            "chosen_pairwise_lpips": distance[list(chosen)][:, list(chosen)].tolist(),
+            "chosen_lpips_sum": score, "mean_pairwise_lpips_all": mean_pairwise(distance),
+            "dynamics": model.kind, "lpips_backbone": "random" if opts.lpips_random_backbone else "alexnet",
+            "actions": actions[0].cpu().tolist()}
+    tmp = out / "futures.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, out / "futures.json")
+    if model.kind == "mlp":
+        print("note: the MLP dynamics is deterministic, so all futures (and all 4 rows) are the same")
+    print(f"futures {list(chosen)} (sum of pairwise LPIPS {score:.4f}) -> {png}")
+    return png
+
+
+# =============================================================================================
+# 6. Figures
+# =============================================================================================
+def to_hwc(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [0, 1] -> (N, H, W, 3) numpy for imshow."""
+    return images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(path: Path, rows: list, row_labels: list[str], col_titles: list[str], title: str) -> None:
+    """A grid of images, one list (or array) of HWC images per row, written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    n_rows, n_cols = len(rows), max(len(r) for r in rows)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.8 * n_cols, 1.9 * n_rows + 0.5), squeeze=False)
+    for r, row in enumerate(rows):
+        for c in range(n_cols):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(row):
+                ax.imshow(row[c], interpolation="nearest")
+            else:
+                ax.axis("off")
+            if r == 0 and c < len(col_titles):
+                ax.set_title(col_titles[c], fontsize=8)
+            if c == 0:
+                ax.set_ylabel(row_labels[r], fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# =============================================================================================
+# 7. Command line
+# =============================================================================================
+def build_parser() -> argparse.ArgumentParser:
+    parser = valdi._OneLineParser(
+        prog="decoder.py",
+        description="Post-hoc pixel decoder of a Valdi run, LPIPS diversity (Fig. 3 right) and "
+                    "diverse futures (Fig. 5). Each subcommand writes into RUN_DIR/decoder/.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=valdi._OneLineParser)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help,
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        sub.add_argument("run_dir", metavar="RUN_DIR", help="a run directory made by valdi.py")
+        sub.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True,
+                         help="use CUDA when it is available (--no-cuda forces the CPU)")
+        sub.add_argument("--seed", type=int, default=0, help="seed of tracks, sampling and noise")
+        return sub
+
+    def lpips_flags(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--lpips-random-backbone", action="store_true",
+                         help="LPIPS with a random AlexNet trunk (offline; not comparable with the paper)")
+        sub.add_argument("--skip-frames", type=int, default=50,
+                         help="start states only from frames at or after this step (CarRacing zooms in first)")
+        sub.add_argument("--decode-batch", type=int, default=32, help="latents decoded per batch")
+
+    sub = command("collect", "roll out the run's planner (noise 0) and store an on-policy frame dataset")
+    sub.add_argument("--episodes", type=int, default=20, help="episodes (tracks) to collect")
+    sub.add_argument("--val-fraction", type=float, default=0.1,
+                     help="fraction of episodes held out for validation (at least one)")
+    sub.add_argument("--max-episode-steps", type=int, default=None,
+                     help="frames per episode (None: the run's own, 600 in the paper)")
+
+    sub = command("train", "train the ViT decoder on the frozen encoder's latents of the dataset")
+    sub.add_argument("--steps", type=int, default=10000, help="Adam steps")
+    sub.add_argument("--batch-size", type=int, default=64, help="frames per step")
+    sub.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
+    sub.add_argument("--eval-every", type=int, default=500, help="steps between validation losses and checkpoints")
+    sub.add_argument("--val-max-frames", type=int, default=512,
+                     help="validation frames (evenly spaced) used for the validation loss")
+    sub.add_argument("--num-images", type=int, default=8, help="frames shown in reconstructions.png")
+
+    sub = command("diversity", "mean pairwise LPIPS of decoded imagined futures per DDIM step count")
+    sub.add_argument("--num-starts", type=int, default=10, help="start states from the validation set")
+    sub.add_argument("--num-futures", type=int, default=100, help="imagined futures per start state")
+    sub.add_argument("--diffusion-steps", type=int, nargs="+", default=[1, 2, 4, 8], help="DDIM step counts")
+    lpips_flags(sub)
+
+    sub = command("futures", "Figure 5: the 4 most different of N futures from one start, as a 4 x 6 grid")
+    sub.add_argument("--num-futures", type=int, default=100, help="imagined futures to choose from")
+    sub.add_argument("--diffusion-steps", type=int, default=8, help="DDIM steps of the imagination")
+    sub.add_argument("--start", type=int, default=None,
+                     help="dataset row of the start frame (None: the middle eligible validation frame)")
+    lpips_flags(sub)
+    return parser
+
+
+def check_options(opts) -> None:
+    """Refuse impossible numbers before any loading starts."""
+    positive = {"collect": ("episodes",), "train": ("steps", "batch_size", "eval_every", "val_max_frames", "num_images"),
+                "diversity": ("decode_batch",), "futures": ("decode_batch",)}[opts.command]
+    for name in positive:
+        if getattr(opts, name) < 1:
+            raise ValdiError(f"--{name.replace('_', '-')} must be at least 1")
+    if opts.command == "collect":
+        if opts.episodes < 2:
+            raise ValdiError("--episodes must be at least 2 (one for training, one for validation)")
+        if not 0 < opts.val_fraction < 1:
+            raise ValdiError("--val-fraction must lie strictly between 0 and 1")
+        if round(opts.val_fraction * opts.episodes) >= opts.episodes:
+            raise ValdiError("--val-fraction leaves no training episode")
+    if opts.command == "train" and not opts.lr > 0:
+        raise ValdiError("--lr must be positive")
+    if opts.command in ("diversity", "futures") and opts.skip_frames < 0:
+        raise ValdiError("--skip-frames must not be negative")
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = build_parser().parse_args(argv)
+    try:
+        check_options(opts)
+        {"collect": collect, "train": train, "diversity": diversity, "futures": futures}[opts.command](opts)
+    except ValdiError as exc:
+        print(f"decoder.py: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

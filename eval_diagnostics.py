@@ -1,0 +1,966 @@
+"""Evaluation and diagnostics for Valdi runs: the numbers behind the paper's claims.
+
+Read this file beside Section 4 of the paper and `valdi.py`. Every number the paper reports about
+a trained agent comes from one subcommand here:
+
+    returns ...... evaluation return on the 100 fixed tracks, swept over inference diffusion
+                   steps (Sec. 4 "Performance and Multimodality", Fig. 3 left, Fig. 4 right)
+    consistency .. value self-consistency along imagined rollouts, delta_TD (Eq. 2, Table 1 top)
+    grounding .... imagined vs real value along closed-loop episodes, delta_drift (Eq. 3,
+                   Table 1 bottom)
+    speed ........ planner calls/s and updates/s, their FLOPs and hardware efficiency (Supp. D,
+                   "Inference Cost": over 10 Hz on one RTX 4080)
+    plot ......... Figure 4 (training returns) and Figure 3 left (return and LPIPS against
+                   diffusion steps)
+
+Each subcommand takes run directories made by `python valdi.py` (or their checkpoint.pt),
+prints a table, and writes its numbers to RUN_DIR/eval/<subcommand>.json. Nothing here
+re-implements the agent: networks, encoder, planner (Eq. 10), imagination and the closed loop
+all come from valdi.py, so what is measured is exactly what was trained.
+
+    python eval_diagnostics.py returns RUN_DIR [RUN_DIR ...] --diffusion-steps 1 2 4 8
+    python eval_diagnostics.py consistency VALDI_RUN MLP_RUN
+    python eval_diagnostics.py grounding VALDI_RUN MLP_RUN
+    python eval_diagnostics.py speed --json speed.json
+    python eval_diagnostics.py plot VALDI_RUN MLP_RUN --out-dir figures
+
+Importing this module does no work (the tests import its pieces).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import valdi
+
+PROG = "eval_diagnostics.py"
+
+
+# =============================================================================================
+# 0. Shared pieces: the fixed tracks, loading runs, small statistics, tables, JSON
+# =============================================================================================
+EVAL_SEED = 12345  # Sec. 4 "evaluated on 100 fixed tracks"; the seed is the release's
+
+
+def fixed_track_seeds(n: int = 100) -> list[int]:
+    """The evaluation tracks: n integers in [0, 2^31 - 1) drawn once from default_rng(12345).
+
+    Every run, every system and every diffusion-step count is evaluated on the same tracks, so
+    differences between them are not differences between tracks (CarRacing's tracks vary a lot
+    in difficulty). numpy's bounded integers are drawn one after another from the stream, so the
+    first K of a longer draw are the first K tracks: --episodes K always means the same K tracks."""
+    return [int(s) for s in np.random.default_rng(EVAL_SEED).integers(0, 2**31 - 1, size=n)]
+
+
+@dataclass
+class Run:
+    """One trained agent, loaded for evaluation."""
+    path: Path  # what the user gave: a RUN_DIR or a checkpoint file
+    run_dir: Path  # the folder that holds it; results go to run_dir/eval
+    args: valdi.Args  # the flags it was trained with (planner overrides applied)
+    model: valdi.WorldModel
+
+    @property
+    def label(self) -> str:
+        return self.run_dir.name
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.run_dir / "eval"
+
+
+def run_dir_of(path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.is_dir() else path.parent
+
+
+def load_runs(paths: list[str], device: torch.device, overrides: dict | None = None) -> list[Run]:
+    """valdi.load_run for each path (one clear ValdiError for a missing, corrupt or foreign
+    checkpoint). `overrides` replaces planner flags (population, elites, iterations) for this
+    evaluation only; valdi.check_args refuses inconsistent combinations as training would."""
+    runs = []
+    for path in paths:
+        args, model = valdi.load_run(path, device)
+        args = dataclasses.replace(args, **{k: v for k, v in (overrides or {}).items() if v is not None})
+        valdi.check_args(args)
+        runs.append(Run(Path(path), run_dir_of(path), args, model))
+    return runs
+
+
+def planner_overrides(ns: argparse.Namespace) -> dict:
+    return {"pop_size": ns.pop_size, "num_elites": ns.num_elites, "cem_iters": ns.cem_iters}
+
+
+def pick_device(use_cuda: bool) -> torch.device:
+    """valdi.pick_device takes the training flags; only their `cuda` field matters to it."""
+    return valdi.pick_device(valdi.Args(cuda=use_cuda))
+
+
+def new_generator(device: torch.device, seed: int) -> torch.Generator:
+    """Every random draw of the planner and of the diffusion sampler goes through this generator
+    (valdi.plan and WorldModel.imagine take one), so a seed fixes an evaluation completely: the
+    same tracks and seeds give the same returns twice on the CPU."""
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def summarize(values) -> dict:
+    """mean, std, min, max of a list of numbers. std is the population std (ddof 0) throughout
+    this file: it describes the sample we measured rather than estimating a larger one."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return {"mean": None, "std": None, "min": None, "max": None}
+    return {"mean": float(x.mean()), "std": float(x.std()), "min": float(x.min()), "max": float(x.max())}
+
+
+def fmt(x, digits: int = 2) -> str:
+    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    """A pipe table: readable in a terminal and pasteable into the README as is."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    line = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
+    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+                     + [line(row) for row in cells[1:]])
+
+
+def _jsonable(obj):
+    """NaN and infinity are not JSON: they become null."""
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path: Path, data: dict) -> Path:
+    """Written atomically, like valdi.py's checkpoints: an interrupted write keeps the old file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(data), indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def progress(**kwargs):
+    from tqdm import tqdm  # imported on use: importing this module stays cheap
+    return tqdm(dynamic_ncols=True, **kwargs)
+
+
+# =============================================================================================
+# 1. returns: evaluation on the fixed tracks (Sec. 4, Fig. 3 left, Fig. 4 right)
+# =============================================================================================
+# The protocol is the agent's own loop with the exploration noise switched off: 600 frames,
+# replan every action chunk (3 frames), execute the first chunk of the best plan. That loop is
+# valdi.collect_trajectory, called here with noise_std = 0. Only the number of DDIM steps used to
+# imagine futures changes between the columns of Fig. 3; training always used one step.
+
+def evaluate_returns(run: Run, device: torch.device, track_seeds: list[int], diffusion_steps: int | None,
+                     bar=None) -> dict:
+    """Returns, lengths and planner rates of one run on the given tracks at one step count."""
+    env = valdi.make_env(run.args)
+    returns, lengths, hz = [], [], []
+    try:
+        for seed in track_seeds:
+            # One generator per episode, seeded by its track: an episode's result does not depend
+            # on which episodes ran before it, so --episodes 10 reproduces the first 10 of 100.
+            _, stats = valdi.collect_trajectory(env, run.model, run.args, device, noise_std=0.0,
+                                                track_seed=seed, diffusion_steps=diffusion_steps,
+                                                generator=new_generator(device, seed))
+            returns.append(stats["return"])
+            lengths.append(stats["length"])
+            hz.append(stats["planner_hz"])
+            if bar is not None:
+                bar.set_postfix(ret=f"{stats['return']:.1f}")
+                bar.update(1)
+    finally:
+        env.close()
+    return {"diffusion_steps": diffusion_steps, "returns": returns, "lengths": lengths,
+            "planner_hz": float(np.median(hz)), **summarize(returns)}
+
+
+def merge_results(old: dict | None, new: dict) -> dict:
+    """Keep earlier step counts when the protocol is the same (same tracks, frames and planner),
+    so a sweep can be run one step count at a time; otherwise the new file replaces the old."""
+    same = old is not None and all(old.get(k) == new[k] for k in ("track_seeds", "frames", "planner"))
+    if not same:
+        return new
+    steps = {r["diffusion_steps"] for r in new["results"]}
+    kept = [r for r in old.get("results", []) if r["diffusion_steps"] not in steps]
+    results = sorted(kept + new["results"], key=lambda r: -1 if r["diffusion_steps"] is None else r["diffusion_steps"])
+    return {**new, "results": results}
+
+
+def cmd_returns(ns: argparse.Namespace) -> int:
+    device = pick_device(ns.cuda)
+    runs = load_runs(ns.runs, device, planner_overrides(ns))
+    for run in runs:  # the evaluation episode length, whatever the run trained with (600, Supp. E)
+        run.args = dataclasses.replace(run.args, max_episode_steps=ns.frames)
+    seeds = fixed_track_seeds(ns.episodes)
+    # The MLP has no diffusion steps: it is evaluated once (Fig. 3 draws it as a horizontal line).
+    plan_steps = {r.label: ([None] if r.args.dynamics == "mlp" else (ns.diffusion_steps or [r.args.diffusion_steps]))
+                  for r in runs}
+    rows = []
+    with progress(total=len(seeds) * sum(len(s) for s in plan_steps.values()), desc="returns", unit="ep") as bar:
+        for run in runs:
+            results = []
+            for steps in plan_steps[run.label]:
+                bar.set_description(f"returns {run.args.dynamics}" + (f" {steps} steps" if steps else ""))
+                results.append(evaluate_returns(run, device, seeds, steps, bar))
+            data = {"run": run.path, "dynamics": run.args.dynamics, "frames": ns.frames,
+                    "planner": {k: getattr(run.args, k) for k in ("pop_size", "num_elites", "cem_iters", "horizon")},
+                    "track_seeds": seeds, "results": results}
+            path = run.eval_dir / "returns.json"
+            old = json.loads(path.read_text()) if path.exists() else None
+            write_json(path, merge_results(old, data))
+            bar.write(f"wrote {path}", file=sys.stderr)
+            for r in results:
+                rows.append([run.label, run.args.dynamics, r["diffusion_steps"] or "-", len(r["returns"]),
+                             fmt(r["mean"], 1), fmt(r["std"], 1), fmt(r["min"], 1), fmt(r["max"], 1),
+                             fmt(r["planner_hz"], 1)])
+    print(f"\nEvaluation returns on the first {len(seeds)} fixed tracks, {ns.frames} frames, no exploration "
+          f"noise (device {device})")
+    print(markdown_table(["run", "dynamics", "diffusion steps", "episodes", "mean", "std", "min", "max",
+                          "planner Hz"], rows))
+    return 0
+
+
+# =============================================================================================
+# 2. The arithmetic of Table 1 (Eq. 2, Eq. 3): arrays in, numbers out
+# =============================================================================================
+# Kept free of networks and environments so that a test can check it against a hand computation.
+# Notation as in the paper: z_hat_h is the imagined latent at depth h (z_hat_0 = z_t, the real
+# latent the rollout starts from), z_{t+h} is the real latent the agent reaches h world-model
+# steps (3h env frames) later. V is the minimum of the two value heads, as everywhere in Valdi.
+
+def td_residuals(rewards: np.ndarray, values: np.ndarray, gamma_wm: float) -> np.ndarray:
+    """Eq. 2: delta_TD_h = R(z_hat_h, a_h) + g V(z_hat_{h+1}) - V(z_hat_h), h = 0..H-1.
+
+    rewards (N, H): R(z_hat_h, a_h) along N imagined rollouts; values (N, H+1): V(z_hat_h).
+    g is the discount of one world-model step, gamma^3, the one the value was trained with.
+    A positive residual means V(z_hat_h) underestimates its own bootstrap target."""
+    rewards, values = np.asarray(rewards, np.float64), np.asarray(values, np.float64)
+    return rewards + gamma_wm * values[:, 1:] - values[:, :-1]
+
+
+def drift_residuals(real_values: np.ndarray, imagined_values: np.ndarray) -> list[np.ndarray]:
+    """Eq. 3 for one closed-loop episode: delta_drift_h = V(z_{t+h}) - V(z_hat_h), h = 1..H.
+
+    real_values (R,): V of the real latents at world-model steps t = 0..R-1 of the episode.
+    imagined_values (T, H+1): V(z_hat_h) of the rollout imagined at each step t = 0..T-1 where
+    the agent planned (T <= R). Returns a list of H arrays; entry h-1 holds delta_drift_h for
+    every t whose real partner z_{t+h} exists (t + h <= R - 1): near the end of an episode
+    the deep rollouts have nothing real to be compared with, so deeper h have fewer samples.
+    A negative residual means an optimistic imagination: reality is worth less than imagined."""
+    real_values, imagined_values = np.asarray(real_values, np.float64), np.asarray(imagined_values, np.float64)
+    T, H = imagined_values.shape[0], imagined_values.shape[1] - 1
+    out = []
+    for h in range(1, H + 1):
+        n = max(0, min(T, len(real_values) - h))  # plans whose real z_{t+h} was reached
+        out.append(real_values[h:h + n] - imagined_values[:n, h])
+    return out
+
+
+def error_rows(deltas_per_h: list[np.ndarray], first_h: int) -> list[dict]:
+    """Table 1's four numbers per depth: mean signed, mean absolute, std, count. The paper prints
+    the signed mean; the absolute mean shows whether it hides errors of both signs."""
+    rows = []
+    for i, d in enumerate(deltas_per_h):
+        d = np.asarray(d, np.float64).ravel()
+        n = d.size
+        rows.append({"h": first_h + i, "mean": float(d.mean()) if n else None,
+                     "mean_abs": float(np.abs(d).mean()) if n else None,
+                     "std": float(d.std()) if n else None, "count": int(n)})
+    return rows
+
+
+def table1_side_by_side(name: str, results: list[tuple[str, list[dict]]]) -> str:
+    """Table 1's layout: one row per run, one column per depth h, the signed mean in each cell.
+    With several runs, ** marks the smallest |mean| per column (the paper's bold)."""
+    hs = [row["h"] for row in results[0][1]]
+    best = {}
+    if len(results) > 1:
+        for i, _ in enumerate(hs):
+            means = [(abs(rows[i]["mean"]), j) for j, (_, rows) in enumerate(results)
+                     if i < len(rows) and rows[i]["mean"] is not None]
+            if means:
+                best[i] = min(means)[1]
+    table = []
+    for j, (label, rows) in enumerate(results):
+        cells = [fmt(r["mean"]) for r in rows]
+        table.append([label] + [f"**{c}**" if best.get(i) == j else c for i, c in enumerate(cells)])
+    return markdown_table([name] + [f"h={h}" for h in hs], table)
+
+
+def detail_table(rows: list[dict]) -> str:
+    return markdown_table(["h", "mean", "mean abs", "std", "count"],
+                          [[r["h"], fmt(r["mean"], 3), fmt(r["mean_abs"], 3), fmt(r["std"], 3), r["count"]]
+                           for r in rows])
+
+
+# --- the same arithmetic fed by the model ------------------------------------------------------
+@torch.inference_mode()
+def td_of_rollouts(model: valdi.WorldModel, latents: torch.Tensor, actions: torch.Tensor,
+                   gamma_wm: float) -> np.ndarray:
+    """delta_TD (N, H) of imagined rollouts latents (N, H+1, D) under actions (N, H, A): the
+    reward head on (z_hat_h, a_h) for h < H and the value (min of heads) at every depth."""
+    rewards = model.reward(latents[:, :-1], actions)
+    values = model.value(latents)
+    return td_residuals(rewards.float().cpu().numpy(), values.float().cpu().numpy(), gamma_wm)
+
+
+@torch.inference_mode()
+def drift_of_episode(model: valdi.WorldModel, real_latents: torch.Tensor,
+                     imagined_latents: torch.Tensor) -> list[np.ndarray]:
+    """delta_drift of one episode: real latents (R, D), imagined rollouts (T, H+1, D)."""
+    return drift_residuals(model.value(real_latents).float().cpu().numpy(),
+                           model.value(imagined_latents).float().cpu().numpy())
+
+
+# =============================================================================================
+# 3. consistency: value self-consistency along imagined rollouts (Eq. 2, Table 1 top)
+# =============================================================================================
+# 10,000 real states from an on-policy dataset of the system itself (not a replay buffer full of
+# exploration): this is where the agent's value must be consistent, because it is where it
+# plans. From each state the planner proposes an action sequence (exactly valdi.plan, batched
+# over many start states at once), the dynamics imagine it, and Eq. 2 is evaluated at each depth.
+DECODER_DATASET = Path("decoder") / "dataset.npz"  # written by decoder.py collect
+
+
+def on_policy_states(run: Run, device: torch.device, num_states: int, dataset: Path | None, frames: int,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, str]:
+    """(rgb (N, 96, 96, 3) uint8, proprio (N, 7), description of the source) with N <= num_states.
+
+    decoder.py's `collect` already rolls the trained agent out with noise 0 for its decoder
+    (Supp. G); when that dataset exists it is exactly the on-policy data Table 1 asks for. Else we
+    collect our own with valdi.collect_trajectory on the fixed tracks."""
+    path = dataset if dataset is not None else run.run_dir / DECODER_DATASET
+    if dataset is not None and not path.is_file():
+        raise valdi.ValdiError(f"no dataset at {path}")
+    if path.is_file():
+        try:
+            with np.load(path) as data:
+                rgb, proprio = data["rgb"], data["proprio"]
+        except Exception as exc:
+            raise valdi.ValdiError(f"cannot read dataset {path}: {str(exc).splitlines()[0][:200]}") from None
+        if rgb.ndim != 4 or rgb.shape[1:] != (96, 96, 3) or len(proprio) != len(rgb):
+            raise valdi.ValdiError(f"{path} does not hold rgb (N, 96, 96, 3) and proprio (N, 7) arrays")
+        source = str(path)
+    else:
+        args = dataclasses.replace(run.args, max_episode_steps=frames)
+        env = valdi.make_env(args)
+        rgb_parts, proprio_parts, have = [], [], 0
+        estimate = math.ceil(num_states / (frames + 1))
+        try:
+            with progress(total=estimate, desc=f"collect {run.args.dynamics}", unit="ep") as bar:
+                for seed in fixed_track_seeds(10 * estimate + 100):  # far more tracks than needed
+                    traj, _ = valdi.collect_trajectory(env, run.model, args, device, noise_std=0.0,
+                                                       track_seed=seed, generator=new_generator(device, seed))
+                    rgb_parts.append(traj["rgb"])
+                    proprio_parts.append(traj["proprio"])
+                    have += len(traj["rgb"])
+                    bar.update(1)
+                    if have >= num_states:
+                        break
+        finally:
+            env.close()
+        rgb, proprio = np.concatenate(rgb_parts), np.concatenate(proprio_parts)
+        source = f"collected: {len(rgb_parts)} episodes of up to {frames} frames on the fixed tracks, noise 0"
+    # Uniformly without replacement: every state of the dataset is equally likely to be a start.
+    pick = np.sort(rng.choice(len(rgb), size=min(num_states, len(rgb)), replace=False))
+    return rgb[pick], proprio[pick].astype(np.float32), source
+
+
+def consistency_of_run(run: Run, device: torch.device, rgb: np.ndarray, proprio: np.ndarray, steps: int,
+                       plan_batch: int, generator: torch.Generator, bar=None) -> np.ndarray:
+    """delta_TD (N, H) for N start states, planned and imagined plan_batch states at a time."""
+    gamma_wm = run.args.gamma ** run.args.action_chunk
+    deltas = []
+    for i in range(0, len(rgb), plan_batch):
+        with torch.inference_mode():
+            z = run.model.encode(torch.from_numpy(rgb[i:i + plan_batch]).to(device),
+                                 torch.from_numpy(proprio[i:i + plan_batch]).to(device))
+            actions = valdi.plan(run.model, z, run.args, 0.0, steps, generator)
+            # A fresh imagination of the chosen plan, not the one the planner scored it on: the
+            # best of 512 scored futures is biased towards optimism; a new sample is not.
+            latents = run.model.imagine(z, actions, steps, generator)
+        deltas.append(td_of_rollouts(run.model, latents, actions, gamma_wm))
+        if bar is not None:
+            bar.update(len(z))
+    return np.concatenate(deltas)
+
+
+def run_steps(run: Run, requested: int | None) -> int | None:
+    """Diffusion steps for planning and imagination: the run's own unless asked otherwise."""
+    if run.args.dynamics == "mlp":
+        return None
+    return requested or run.args.diffusion_steps
+
+
+def cmd_consistency(ns: argparse.Namespace) -> int:
+    device = pick_device(ns.cuda)
+    runs = load_runs(ns.runs, device, planner_overrides(ns))
+    if ns.dataset is not None and len(runs) > 1:
+        raise valdi.ValdiError("--dataset names one run's dataset; give one run with it")
+    results = []
+    for run in runs:
+        rng = np.random.default_rng(ns.seed)
+        rgb, proprio, source = on_policy_states(run, device, ns.num_states, ns.dataset, ns.frames, rng)
+        steps = run_steps(run, ns.diffusion_steps)
+        with progress(total=len(rgb), desc=f"consistency {run.args.dynamics}", unit="state") as bar:
+            deltas = consistency_of_run(run, device, rgb, proprio, steps, ns.plan_batch,
+                                        new_generator(device, ns.seed), bar)
+        rows = error_rows(list(deltas.T), first_h=0)
+        path = write_json(run.eval_dir / "consistency.json", {
+            "run": run.path, "dynamics": run.args.dynamics, "diffusion_steps": steps,
+            "num_states": len(rgb), "source": source, "gamma_wm": run.args.gamma ** run.args.action_chunk,
+            "planner": {k: getattr(run.args, k) for k in ("pop_size", "num_elites", "cem_iters", "horizon")},
+            "seed": ns.seed, "rows": rows})
+        print(f"wrote {path}", file=sys.stderr)
+        results.append((run.label, rows))
+    print(f"\nSelf-consistency delta_TD_h (Eq. 2), signed mean over start states (device {device})")
+    print(table1_side_by_side("delta_TD", results))
+    for label, rows in results:
+        print(f"\n{label}")
+        print(detail_table(rows))
+    return 0
+
+
+# =============================================================================================
+# 4. grounding: imagined value against the value of what really happened (Eq. 3, Table 1 bottom)
+# =============================================================================================
+# The agent drives as in evaluation (noise 0, replan every chunk). At each world-model step t we
+# keep the plan it acts on, imagine that plan's rollout z_hat_{0..H} and, once the episode is over,
+# pair z_hat_h with the real latent z_{t+h} the agent reached h world-model steps later. Beyond the
+# first chunk the agent has replanned, so the real path follows later plans: the diagnostic asks
+# how much the imagined future is worth compared with the future the agent actually gets.
+
+@torch.inference_mode()
+def closed_loop_episode(env, run: Run, device: torch.device, track_seed: int, steps: int | None,
+                        generator: torch.Generator) -> dict:
+    """One episode of the agent's loop that also records what it imagined.
+
+    This is valdi.collect_trajectory's loop (same encoder, same planner, same chunk execution)
+    kept in view here because that function returns only the executed actions, and Eq. 3 needs
+    the whole plan the agent acted on at each step. Returns real latents (R, D), imagined
+    rollouts (T, H+1, D), the return and the episode length."""
+    args, model = run.args, run.model
+    obs, _ = env.reset(seed=track_seed)
+    real, imagined, total, length = [], [], 0.0, 0
+    terminated = truncated = False
+    while not (terminated or truncated):
+        z = valdi.encode_observation(model, obs, device)  # z_t (1, D)
+        actions = valdi.plan(model, z, args, 0.0, steps, generator)  # (1, H, 9)
+        real.append(z[0])
+        imagined.append(model.imagine(z, actions, steps or 1, generator)[0])  # z_hat_{0..H}
+        executed = 0
+        for action in actions[0, 0].view(args.action_chunk, valdi.ENV_ACTION_DIM).cpu().numpy():
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total += float(reward)
+            length += 1
+            executed += 1
+            if terminated or truncated:
+                break
+    # The last observation is a real z_{t+1} only if the last chunk ran in full (it then sits
+    # exactly 3 frames after the last plan) and is not a terminal state: a terminal state has
+    # no future, its value is never trained (the TD target masks it), so comparing it would
+    # measure nothing. Truncation at 600 frames is not terminal (Supp. E).
+    if executed == args.action_chunk and not terminated:
+        real.append(valdi.encode_observation(model, obs, device)[0])
+    return {"real": torch.stack(real), "imagined": torch.stack(imagined), "return": total, "length": length}
+
+
+def cmd_grounding(ns: argparse.Namespace) -> int:
+    device = pick_device(ns.cuda)
+    runs = load_runs(ns.runs, device, planner_overrides(ns))
+    seeds = fixed_track_seeds(ns.episodes)
+    results = []
+    with progress(total=len(seeds) * len(runs), desc="grounding", unit="ep") as bar:
+        for run in runs:
+            # An episode of --wm-steps world-model steps is --wm-steps * 3 env frames (200 -> 600).
+            run.args = dataclasses.replace(run.args, max_episode_steps=ns.wm_steps * run.args.action_chunk)
+            steps = run_steps(run, ns.diffusion_steps)
+            env = valdi.make_env(run.args)
+            per_h = [[] for _ in range(run.args.horizon)]
+            returns, lengths = [], []
+            bar.set_description(f"grounding {run.args.dynamics}")
+            try:
+                for seed in seeds:
+                    episode = closed_loop_episode(env, run, device, seed, steps, new_generator(device, seed))
+                    for h, d in enumerate(drift_of_episode(run.model, episode["real"], episode["imagined"])):
+                        per_h[h].append(d)
+                    returns.append(episode["return"])
+                    lengths.append(episode["length"])
+                    bar.set_postfix(ret=f"{episode['return']:.1f}")
+                    bar.update(1)
+            finally:
+                env.close()
+            rows = error_rows([np.concatenate(d) for d in per_h], first_h=1)
+            path = write_json(run.eval_dir / "grounding.json", {
+                "run": run.path, "dynamics": run.args.dynamics, "diffusion_steps": steps,
+                "wm_steps": ns.wm_steps, "track_seeds": seeds, "returns": returns, "lengths": lengths,
+                "planner": {k: getattr(run.args, k) for k in ("pop_size", "num_elites", "cem_iters", "horizon")},
+                "rows": rows})
+            bar.write(f"wrote {path}", file=sys.stderr)
+            results.append((run.label, rows))
+    print(f"\nGrounding delta_drift_h (Eq. 3), signed mean over {len(seeds)} closed-loop episodes of "
+          f"{ns.wm_steps} world-model steps (device {device})")
+    print(table1_side_by_side("delta_drift", results))
+    for label, rows in results:
+        print(f"\n{label}")
+        print(detail_table(rows))
+    return 0
+
+
+# =============================================================================================
+# 5. speed: planner and update throughput, FLOPs, hardware efficiency (Supp. D "Inference Cost")
+# =============================================================================================
+# FLOPs are counted from the layer shapes of the actual modules, not from a profiler, so the
+# count is exact for what it includes and says plainly what it leaves out:
+#   counted:  every nn.Linear (2 * in * out per row: one multiply and one add per weight),
+#             every nn.Conv2d (2 * in_channels * k_h * k_w * out_channels per output pixel),
+#             the two attention matmuls (Q K^T and softmax(.) V: 2 * L * L * width each per
+#             sequence, summed over heads), SIGReg's projection matmul.
+#   ignored:  biases, LayerNorm, GELU, softmax, tanh, embeddings lookups, concatenations, the
+#             DDIM update arithmetic, CEM's top-k/mean/std, SIGReg's cos/sin, gradient clipping,
+#             Adam and the EMA (all elementwise or O(parameters), small next to the matmuls).
+#   backward: 2x the forward of every layer run with gradient (input and weight gradients), so
+#             a trained layer costs 3x its forward; layers run without gradient (target network,
+#             TD bootstrap) cost 1x. The first conv does not need its input gradient; we count
+#             it anyway (a small overestimate).
+
+def linear_flops(module: nn.Module) -> int:
+    """FLOPs of pushing ONE row through every nn.Linear inside `module` once."""
+    return sum(2 * m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def encoder_flops(encoder: valdi.Encoder, image_size: int = 96) -> int:
+    """FLOPs of encoding ONE observation: the conv stack (spatial size followed layer by layer,
+    96 -> 32 -> 16 -> 8 -> 4 -> 1) plus every Linear (pixel embedding, proprio MLP, fused head)."""
+    flops, size = 0, image_size
+    for m in encoder.pixels:
+        if isinstance(m, nn.Conv2d):
+            size = (size + 2 * m.padding[0] - m.kernel_size[0]) // m.stride[0] + 1
+            flops += 2 * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1] * m.out_channels * size * size
+    return flops + linear_flops(encoder)
+
+
+def dynamics_flops(model: valdi.WorldModel, horizon: int) -> int:
+    """FLOPs of ONE forward pass of the dynamics for one action sequence of `horizon` chunks.
+
+    Valdi: one denoiser call on H + 1 tokens (the condition and H futures): every Linear of the
+    blocks on each token, attention over all token pairs, the readout on the H future tokens.
+    A sample with n DDIM steps is n such calls. MLP: H autoregressive calls of f on one row."""
+    dyn = model.dynamics
+    if isinstance(dyn, valdi.DiffusionDynamics):
+        tokens = horizon + 1
+        width = dyn.blocks[0].qkv.in_features
+        blocks = sum(linear_flops(b) for b in dyn.blocks) * tokens
+        attention = len(dyn.blocks) * 2 * (2 * tokens * tokens * width)  # Q K^T and A V
+        return blocks + attention + linear_flops(dyn.readout) * horizon
+    return horizon * linear_flops(dyn.f)
+
+
+def plan_flops(model: valdi.WorldModel, args: valdi.Args, diffusion_steps: int = 1, batch: int = 1) -> int:
+    """FLOPs of one valdi.plan call from `batch` start latents. Each CEM iteration imagines the
+    whole population (n DDIM steps for Valdi, H steps of the MLP), scores it by Eq. 10 (reward on
+    H latents, both value heads on the last) and refits (ignored)."""
+    n = batch * args.pop_size
+    imagine = dynamics_flops(model, args.horizon) * (diffusion_steps if model.kind == "diffusion" else 1)
+    score = args.horizon * linear_flops(model.reward_head) + linear_flops(model.value_heads)
+    return args.cem_iters * n * (imagine + score)
+
+
+def update_flops(model: valdi.WorldModel, args: valdi.Args) -> int:
+    """FLOPs of one valdi.update on a batch of args.batch_size segments (valdi.compute_losses):
+
+      with gradient (x3): online encoder on frame 0 (B images); dynamics once (B sequences: one
+        denoiser call for Valdi, H steps for the MLP); reward and both value heads on the H + 1
+        latents of the trajectory; SIGReg's projection (B x D) @ (D x slices).
+      without gradient (x1): EMA target encoder on frames 1..H (the dynamics targets); online
+        encoder on frames 1..H+1 and the target value heads on them (the TD bootstrap)."""
+    B, H = args.batch_size, args.horizon
+    enc, val = encoder_flops(model.encoder), linear_flops(model.value_heads)
+    with_grad = (B * enc + B * dynamics_flops(model, H) + B * (H + 1) * (linear_flops(model.reward_head) + val)
+                 + 2 * B * args.latent_dim * args.sigreg_slices)
+    no_grad = B * H * enc + B * (H + 1) * (enc + val)
+    return 3 * with_grad + no_grad
+
+
+def sync(device: torch.device) -> None:
+    """CUDA kernels run asynchronously: without a barrier the clock would stop at launch time."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    """Warm-up calls first (allocator, kernel selection, caches), then the median of timed calls:
+    the median ignores the odd slow call caused by something else on the machine."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_flops_per_second(device: torch.device, warmup: int, repeats: int) -> tuple[float, int]:
+    """The reference: a dense float32 n x n matmul (2 n^3 FLOPs) in this process, on this device,
+    with the same precision settings (TF32 on CUDA after valdi.pick_device). The fraction of it
+    that the planner reaches says how well its many small matmuls use the hardware."""
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    return 2 * n**3 / median_seconds(lambda: a @ b, device, warmup, repeats), n
+
+
+def synthetic_batch(args: valdi.Args, device: torch.device) -> dict:
+    """A replay batch of the real layout, from random pixels: valdi.ReplayBuffer cuts it from one
+    random trajectory exactly one segment long. Throughput does not depend on the pixel values."""
+    rng = np.random.default_rng(0)
+    span = args.action_chunk * (args.horizon + 1)
+    buffer = valdi.ReplayBuffer(1, span, args.horizon, args.action_chunk, rng)
+    buffer.add({"rgb": rng.integers(0, 256, (span + 1, 96, 96, 3), dtype=np.uint8),
+                "proprio": rng.standard_normal((span + 1, valdi.PROPRIO_DIM)).astype(np.float32),
+                "actions": rng.uniform(-1, 1, (span, valdi.ENV_ACTION_DIM)).astype(np.float32),
+                "rewards": rng.standard_normal(span).astype(np.float32), "terminated": False})
+    return valdi.to_device(buffer.sample(args.batch_size), device)
+
+
+def speed_of(dynamics: str, ns: argparse.Namespace, device: torch.device, matmul: float) -> list[dict]:
+    """Rows of the speed table for one dynamics: one per diffusion step count (one for the MLP)."""
+    args = valdi.Args(dynamics=dynamics, pop_size=ns.pop_size, num_elites=ns.num_elites, cem_iters=ns.cem_iters,
+                      horizon=ns.horizon, batch_size=ns.batch_size, cuda=ns.cuda)
+    valdi.check_args(args)
+    torch.manual_seed(0)
+    # Fresh, untrained networks: speed depends on shapes, not on weights.
+    model = valdi.WorldModel(args).to(device)
+    target = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    batch = synthetic_batch(args, device)
+    # Data sampling and host-device transfer are left out: updates/s is the learner's compute.
+    update_s = median_seconds(lambda: valdi.update(model, target, optimizer, batch, args), device,
+                              ns.warmup, ns.repeats)
+    upd_flops = update_flops(model, args)
+    z = torch.randn(1, args.latent_dim, device=device)  # one start latent, as the agent plans
+    rows = []
+    for steps in (ns.diffusion_steps if dynamics == "diffusion" else [None]):
+        # .cpu() on the plan is the agent's one sync per plan (valdi.collect_trajectory).
+        plan_s = median_seconds(lambda: valdi.plan(model, z, args, 0.0, steps).cpu(), device, ns.warmup, ns.repeats)
+        p_flops = plan_flops(model, args, steps or 1)
+        rows.append({"dynamics": dynamics, "diffusion_steps": steps,
+                     "plans_per_s": 1 / plan_s, "plan_flops": p_flops, "plan_flops_per_s": p_flops / plan_s,
+                     "plan_fraction_of_matmul": p_flops / plan_s / matmul,
+                     "updates_per_s": 1 / update_s, "update_flops": upd_flops,
+                     "update_flops_per_s": upd_flops / update_s,
+                     "update_fraction_of_matmul": upd_flops / update_s / matmul})
+    return rows
+
+
+def cmd_speed(ns: argparse.Namespace) -> int:
+    device = pick_device(ns.cuda)
+    with progress(total=1 + len(ns.dynamics), desc="speed", unit="part") as bar:
+        matmul, n = matmul_flops_per_second(device, ns.warmup, ns.repeats)
+        bar.update(1)
+        rows = []
+        for dynamics in ns.dynamics:
+            bar.set_description(f"speed {dynamics}")
+            rows += speed_of(dynamics, ns, device, matmul)
+            bar.update(1)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\nSpeed on {device} ({name}); population {ns.pop_size}, elites {ns.num_elites}, CEM iterations "
+          f"{ns.cem_iters}, horizon {ns.horizon}, batch {ns.batch_size}; dense {n}x{n} float32 matmul "
+          f"{matmul / 1e9:.1f} GFLOP/s; median of {ns.repeats} after {ns.warmup} warm-up")
+    print(markdown_table(
+        ["dynamics", "diffusion steps", "plans/s", "GFLOP/plan", "plan GFLOP/s", "plan % of matmul",
+         "updates/s", "GFLOP/update", "update GFLOP/s", "update % of matmul"],
+        [[r["dynamics"], r["diffusion_steps"] or "-", fmt(r["plans_per_s"]), fmt(r["plan_flops"] / 1e9, 3),
+          fmt(r["plan_flops_per_s"] / 1e9, 1), fmt(100 * r["plan_fraction_of_matmul"], 1),
+          fmt(r["updates_per_s"], 3), fmt(r["update_flops"] / 1e9, 2), fmt(r["update_flops_per_s"] / 1e9, 1),
+          fmt(100 * r["update_fraction_of_matmul"], 1)] for r in rows]))
+    if ns.json:
+        path = write_json(Path(ns.json), {
+            "device": str(device), "device_name": name, "torch": torch.__version__,
+            "flags": {k: getattr(ns, k) for k in ("pop_size", "num_elites", "cem_iters", "horizon",
+                                                  "diffusion_steps", "batch_size", "warmup", "repeats")},
+            "matmul_n": n, "matmul_flops_per_s": matmul, "rows": rows})
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+# =============================================================================================
+# 6. plot: Figure 4 (training returns) and Figure 3 left (return and LPIPS vs diffusion steps)
+# =============================================================================================
+DIVERSITY_JSON = Path("decoder") / "diversity.json"  # written by decoder.py diversity
+
+
+def read_progress(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(trajectory index, return) per collected trajectory from valdi.py's progress.csv."""
+    path = run_dir / "progress.csv"
+    if not path.is_file():
+        raise valdi.ValdiError(f"no progress.csv in {run_dir} (is it a run directory made by valdi.py?)")
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("return")]
+    return (np.array([int(r["trajectory"]) for r in rows], np.int64),
+            np.array([float(r["return"]) for r in rows], np.float64))
+
+
+def moving_average(x: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over `window` trajectories (shorter at the start, so the curve starts at 0)."""
+    c = np.cumsum(np.insert(np.asarray(x, np.float64), 0, 0.0))
+    idx = np.arange(1, len(x) + 1)
+    lo = np.maximum(0, idx - window)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def run_flags(run_dir: Path) -> dict:
+    """The run's flags from args.json (valdi.py writes it at the start); {} when unreadable."""
+    try:
+        return json.loads((run_dir / "args.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def cmd_plot(ns: argparse.Namespace) -> int:
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    run_dirs = [run_dir_of(p) for p in ns.runs]
+    for d in run_dirs:
+        if not d.is_dir():
+            raise valdi.ValdiError(f"no run directory at {d}")
+    out_dir = Path(ns.out_dir) if ns.out_dir else run_dirs[0] / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    summary, written, table = {}, [], []
+
+    # --- Figure 4 (left): return of every training trajectory, thin, with its moving average ---
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    frames = set()
+    for i, run_dir in enumerate(progress(iterable=run_dirs, desc="plot", unit="run")):
+        traj, ret = read_progress(run_dir)
+        flags = run_flags(run_dir)
+        kind = flags.get("dynamics", "?")
+        frames.add(flags.get("max_episode_steps", "?"))
+        color = colors[i % len(colors)]
+        ax.plot(traj, ret, color=color, alpha=0.25, linewidth=0.7)
+        ma = moving_average(ret, ns.window)
+        ax.plot(traj, ma, color=color, linewidth=2, label=f"{run_dir.name} ({kind})")
+        if "seed_trajectories" in flags:  # Algorithm 1: no updates before this line
+            ax.axvline(flags["seed_trajectories"] - 0.5, color=color, linestyle=":", linewidth=1)
+        summary[run_dir.name] = {"dynamics": kind, "trajectories": len(ret),
+                                 "final_moving_average": float(ma[-1]) if len(ma) else None,
+                                 "best_return": float(ret.max()) if len(ret) else None}
+        table.append([run_dir.name, kind, len(ret), fmt(summary[run_dir.name]["final_moving_average"], 1),
+                      fmt(summary[run_dir.name]["best_return"], 1)])
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("training trajectory (dotted: end of the seed trajectories)")
+    ax.set_ylabel(f"return per trajectory ({', '.join(map(str, sorted(frames, key=str)))} frames)")
+    ax.set_title(f"Training returns (Fig. 4 left); thick: trailing mean of {ns.window}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out_dir / "figure4_training_returns.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+
+    # --- Figure 3 (left): evaluation return against inference diffusion steps -------------------
+    # Valdi runs are lines over the step counts; the MLP has no steps and is a horizontal line.
+    # decoder.py's LPIPS diversity (when present) goes on a second axis, as in the paper.
+    evals = {d: json.loads((d / "eval" / "returns.json").read_text())
+             for d in run_dirs if (d / "eval" / "returns.json").is_file()}
+    if evals:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        ax2, all_steps = None, set()
+        for i, run_dir in enumerate(run_dirs):
+            if run_dir not in evals:
+                continue
+            color = colors[i % len(colors)]
+            results = evals[run_dir]["results"]
+            summary[run_dir.name]["eval"] = {str(r["diffusion_steps"]): r["mean"] for r in results}
+            if evals[run_dir]["dynamics"] == "mlp" or all(r["diffusion_steps"] is None for r in results):
+                ax.axhline(results[0]["mean"], color=color, linestyle="--", label=f"{run_dir.name} (MLP)")
+                continue
+            results = [r for r in results if r["diffusion_steps"] is not None]
+            steps = np.array([r["diffusion_steps"] for r in results])
+            mean = np.array([r["mean"] for r in results])
+            # Shaded: +- one standard error of the mean over the evaluation tracks.
+            sem = np.array([r["std"] / math.sqrt(max(1, len(r["returns"]))) for r in results])
+            all_steps.update(steps.tolist())
+            ax.plot(steps, mean, "o-", color=color, label=f"{run_dir.name} (Valdi)")
+            ax.fill_between(steps, mean - sem, mean + sem, color=color, alpha=0.15)
+            diversity = run_dir / DIVERSITY_JSON
+            if diversity.is_file():
+                lp = json.loads(diversity.read_text())
+                ax2 = ax2 or ax.twinx()
+                ax2.errorbar(lp["diffusion_steps"], lp["lpips_mean"], yerr=lp.get("lpips_std"), color=color,
+                             linestyle=":", marker="s", capsize=3, label=f"{run_dir.name} LPIPS")
+                all_steps.update(lp["diffusion_steps"])
+                summary[run_dir.name]["lpips"] = dict(zip(map(str, lp["diffusion_steps"]), lp["lpips_mean"]))
+        if all_steps:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted(all_steps), [str(s) for s in sorted(all_steps)])
+        ax.set_xlabel("inference diffusion steps")
+        ax.set_ylabel("mean evaluation return")
+        ax.set_title("Evaluation return vs diffusion steps (Fig. 3 left)")
+        ax.grid(alpha=0.3)
+        handles, labels = ax.get_legend_handles_labels()
+        if ax2 is not None:
+            ax2.set_ylabel("mean pairwise LPIPS (dotted)")
+            h2, l2 = ax2.get_legend_handles_labels()
+            handles, labels = handles + h2, labels + l2
+        ax.legend(handles, labels, fontsize=8, loc="best")
+        fig.tight_layout()
+        path = out_dir / "figure3_diffusion_steps.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    else:
+        print("no RUN_DIR/eval/returns.json in these runs: Figure 3 skipped (run `returns` first)", file=sys.stderr)
+
+    write_json(out_dir / "plot.json", {"figures": written, "runs": summary})
+    print(markdown_table(["run", "dynamics", "trajectories", f"last mean of {ns.window}", "best return"], table))
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+# =============================================================================================
+# 7. Command line
+# =============================================================================================
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def diffusion_steps_type(text: str) -> int:
+    """DDIM steps must be in 1..T (valdi.DIFFUSION_T = 1000): 0 steps would imagine nothing."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= valdi.DIFFUSION_T:
+        raise argparse.ArgumentTypeError(f"diffusion steps must be an integer in 1..{valdi.DIFFUSION_T}, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # valdi's one-line parser: a bad flag prints one line, not the whole usage block. Subparsers
+    # inherit the class, so subcommand errors are one line too.
+    parser = valdi._OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    device = valdi._OneLineParser(add_help=False)
+    device.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True,
+                        help="use CUDA when it is available (--no-cuda forces the CPU)")
+    runs = valdi._OneLineParser(add_help=False)
+    runs.add_argument("runs", nargs="+", metavar="RUN", help="run directories of valdi.py (or their checkpoint.pt)")
+    planner = valdi._OneLineParser(add_help=False)
+    for name, what in (("pop-size", "CEM population"), ("num-elites", "CEM elites"), ("cem-iters", "CEM iterations")):
+        planner.add_argument(f"--{name}", type=positive_int, default=None,
+                             help=f"{what} for this evaluation (default: the run's own)")
+
+    def command(name, help, parents):
+        return sub.add_parser(name, help=help, description=help, parents=parents,
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    p = command("returns", "evaluation returns on the fixed tracks, per diffusion step count (Fig. 3 left)",
+                [runs, planner, device])
+    p.add_argument("--episodes", type=positive_int, default=100, help="evaluate on the first K fixed tracks")
+    p.add_argument("--frames", type=positive_int, default=600, help="env frames per episode (Supp. E)")
+    p.add_argument("--diffusion-steps", type=diffusion_steps_type, nargs="+", default=None,
+                   help="DDIM step counts to evaluate, e.g. 1 2 4 8 (default: the run's own; ignored for mlp)")
+    p.set_defaults(func=cmd_returns)
+
+    p = command("consistency", "value self-consistency delta_TD along imagined rollouts (Eq. 2, Table 1 top)",
+                [runs, planner, device])
+    p.add_argument("--num-states", type=positive_int, default=10_000, help="real start states")
+    p.add_argument("--dataset", type=Path, default=None,
+                   help=f"on-policy dataset (.npz with rgb, proprio); default RUN_DIR/{DECODER_DATASET} "
+                        "when it exists, else one is collected")
+    p.add_argument("--frames", type=positive_int, default=600, help="env frames per collected episode")
+    p.add_argument("--diffusion-steps", type=diffusion_steps_type, default=None,
+                   help="DDIM steps for planning and imagination (default: the run's own)")
+    p.add_argument("--plan-batch", type=positive_int, default=64, help="start states planned at once")
+    p.add_argument("--seed", type=int, default=0, help="seed of the state sample, the planner and the sampler")
+    p.set_defaults(func=cmd_consistency)
+
+    p = command("grounding", "imagined vs real value delta_drift in closed loop (Eq. 3, Table 1 bottom)",
+                [runs, planner, device])
+    p.add_argument("--episodes", type=positive_int, default=100, help="closed-loop episodes on the fixed tracks")
+    p.add_argument("--wm-steps", type=positive_int, default=200, help="world-model steps per episode (3 frames each)")
+    p.add_argument("--diffusion-steps", type=diffusion_steps_type, default=None,
+                   help="DDIM steps for planning and imagination (default: the run's own)")
+    p.set_defaults(func=cmd_grounding)
+
+    defaults = valdi.Args()
+    p = command("speed", "planner and update throughput, FLOPs and hardware efficiency (Supp. D)", [device])
+    p.add_argument("--dynamics", nargs="+", choices=["diffusion", "mlp"], default=["diffusion", "mlp"],
+                   help="which dynamics to measure")
+    p.add_argument("--pop-size", type=positive_int, default=defaults.pop_size, help="CEM population")
+    p.add_argument("--num-elites", type=positive_int, default=defaults.num_elites, help="CEM elites")
+    p.add_argument("--cem-iters", type=positive_int, default=defaults.cem_iters, help="CEM iterations")
+    p.add_argument("--horizon", type=positive_int, default=defaults.horizon, help="planning horizon H")
+    p.add_argument("--diffusion-steps", type=diffusion_steps_type, nargs="+", default=[defaults.diffusion_steps],
+                   help="DDIM step counts to time the planner at")
+    p.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="segments per update")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed calls; the median is reported")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the table as JSON to PATH")
+    p.set_defaults(func=cmd_speed)
+
+    p = command("plot", "Figure 4 (training returns) and Figure 3 left (return and LPIPS vs diffusion steps)",
+                [runs])
+    p.add_argument("--out-dir", default=None, help="where the PNGs go (default: FIRST_RUN/eval)")
+    p.add_argument("--window", type=positive_int, default=50, help="moving-average window in trajectories")
+    p.set_defaults(func=cmd_plot)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.func(ns)
+    except valdi.ValdiError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
