@@ -877,7 +877,7 @@ def train(args: Args) -> Path:
 
     if args.resume:
         run_dir = Path(args.resume)
-        state = load_checkpoint(run_dir, map_location=device)
+        state = load_checkpoint(run_dir)  # on the CPU: RNG states must stay there; weights get copied
         model.load_state_dict(state["model"])
         target.load_state_dict(state["target"])
         optimizer.load_state_dict(state["optimizer"])
