@@ -181,23 +181,26 @@ def evaluate_returns(run: Run, device: torch.device, track_seeds: list[int], dif
                      bar=None) -> dict:
     """Returns, lengths and planner rates of one run on the given tracks at one step count."""
     env = valdi.make_env(run.args)
-    returns, lengths, hz = [], [], []
+    returns, lengths, speeds, hz = [], [], [], []
     try:
         for seed in track_seeds:
             # One generator per episode, seeded by its track: an episode's result does not depend
             # on which episodes ran before it, so --episodes 10 reproduces the first 10 of 100.
-            _, stats = valdi.collect_trajectory(env, run.model, run.args, device, noise_std=0.0,
+            traj, stats = valdi.collect_trajectory(env, run.model, run.args, device, noise_std=0.0,
                                                 track_seed=seed, diffusion_steps=diffusion_steps,
                                                 generator=new_generator(device, seed))
             returns.append(stats["return"])
             lengths.append(stats["length"])
+            # Mean hull speed (proprio[0] is 0.02 |v|, Supp. E): how fast the agent drives, and a
+            # fingerprint of its actions when returns tie (early on every policy scores 1000/N - 0.1 t).
+            speeds.append(float(traj["proprio"][:, 0].mean() / 0.02))
             hz.append(stats["planner_hz"])
             if bar is not None:
                 bar.set_postfix(ret=f"{stats['return']:.1f}")
                 bar.update(1)
     finally:
         env.close()
-    return {"diffusion_steps": diffusion_steps, "returns": returns, "lengths": lengths,
+    return {"diffusion_steps": diffusion_steps, "returns": returns, "lengths": lengths, "mean_speeds": speeds,
             "planner_hz": float(np.median(hz)), **summarize(returns)}
 
 
@@ -239,11 +242,11 @@ def cmd_returns(ns: argparse.Namespace) -> int:
             for r in results:
                 rows.append([run.label, run.args.dynamics, r["diffusion_steps"] or "-", len(r["returns"]),
                              fmt(r["mean"], 1), fmt(r["std"], 1), fmt(r["min"], 1), fmt(r["max"], 1),
-                             fmt(r["planner_hz"], 1)])
+                             fmt(float(np.mean(r["mean_speeds"])), 1), fmt(r["planner_hz"], 1)])
     print(f"\nEvaluation returns on the first {len(seeds)} fixed tracks, {ns.frames} frames, no exploration "
           f"noise (device {device})")
     print(markdown_table(["run", "dynamics", "diffusion steps", "episodes", "mean", "std", "min", "max",
-                          "planner Hz"], rows))
+                          "mean speed", "planner Hz"], rows))
     return 0
 
 

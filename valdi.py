@@ -151,7 +151,7 @@ def check_args(args: Args) -> None:
         (min(args.batch_size, args.buffer_size, args.cem_iters, args.horizon, args.action_chunk,
              args.checkpoint_every, args.sigreg_slices) < 1, "sizes and counts must be positive"),
         (args.sigreg_points < 2, "--sigreg-points must be at least 2"),
-        (TOKEN_WIDTH - TAU_EMBED_DIM - 3 * args.action_chunk - args.latent_dim < 1,
+        (TOKEN_WIDTH - TAU_EMBED_DIM - ENV_ACTION_DIM * args.action_chunk - args.latent_dim < 1,
          f"--latent-dim {args.latent_dim} leaves no room in the {TOKEN_WIDTH}-wide transformer token"),
     ]
     for bad, message in problems:
@@ -849,6 +849,34 @@ CSV_FIELDS = ["trajectory", "env_steps", "return", "length", "explore_std",
               *(f"loss_{name}" for name in LOSS_NAMES), "planner_hz", "wall_seconds"]
 
 
+class RunLog:
+    """RUN_DIR/progress.csv, one row per trajectory (appended and flushed at once, so a crash
+    loses nothing written), and the same scalars in TensorBoard in RUN_DIR."""
+
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+        path = run_dir / "progress.csv"
+        is_new = not path.exists()
+        self.file = open(path, "a", newline="")
+        self.csv = csv.DictWriter(self.file, fieldnames=CSV_FIELDS)  # missing values stay empty
+        if is_new:
+            self.csv.writeheader()
+        self.tensorboard = SummaryWriter(str(run_dir))
+
+    def write(self, row: dict) -> None:
+        row = {key: v for key, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
+        self.csv.writerow(row)
+        self.file.flush()
+        for key, value in row.items():
+            if key != "trajectory":
+                tag = f"losses/{key[5:]}" if key.startswith("loss_") else f"charts/{key}"
+                self.tensorboard.add_scalar(tag, value, row["trajectory"])
+
+    def close(self) -> None:
+        self.tensorboard.close()
+        self.file.close()
+
+
 def new_run_dir(args: Args) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = Path(args.runs_dir) / f"{args.exp_name}__{args.dynamics}__s{args.seed}__{stamp}"
@@ -861,8 +889,7 @@ def new_run_dir(args: Args) -> Path:
 
 def train(args: Args) -> Path:
     """Algorithm 1: seed trajectories, then alternate one trajectory and N updates. Returns RUN_DIR."""
-    from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
+    from tqdm import tqdm  # imported here so that importing valdi stays light
 
     device = pick_device(args)
     torch.manual_seed(args.seed)
@@ -905,13 +932,7 @@ def train(args: Args) -> Path:
           + " ".join(f"({k} {v:,})" for k, v in n_params.items() if k != "total"))
     print(f"run directory {run_dir}")
 
-    csv_path = run_dir / "progress.csv"
-    new_csv = not csv_path.exists()
-    csv_file = open(csv_path, "a", newline="")
-    log = csv.DictWriter(csv_file, fieldnames=CSV_FIELDS)
-    if new_csv:
-        log.writeheader()
-    writer = SummaryWriter(str(run_dir))
+    log = RunLog(run_dir)
     returns: list[float] = []
     bar = tqdm(total=args.total_trajectories, initial=counters["trajectories"], unit="traj",
                desc="trajectory", dynamic_ncols=True)
@@ -948,16 +969,10 @@ def train(args: Args) -> Path:
                         f"stopped, the last good checkpoint in {run_dir} is kept")
 
             returns.append(stats["return"])
-            row = {"trajectory": k, "env_steps": counters["env_steps"], "return": stats["return"],
-                   "length": stats["length"], "explore_std": noise_std,
-                   **{f"loss_{n}": v for n, v in zip(LOSS_NAMES, losses)},
-                   "planner_hz": stats["planner_hz"], "wall_seconds": time.time() - wall_start}
-            log.writerow({key: ("" if isinstance(v, float) and math.isnan(v) else v) for key, v in row.items()})
-            csv_file.flush()
-            for key, value in row.items():
-                if key != "trajectory" and not (isinstance(value, float) and math.isnan(value)):
-                    writer.add_scalar(f"charts/{key}" if not key.startswith("loss_") else f"losses/{key[5:]}",
-                                      value, k)
+            log.write({"trajectory": k, "env_steps": counters["env_steps"], "return": stats["return"],
+                       "length": stats["length"], "explore_std": noise_std,
+                       **{f"loss_{n}": v for n, v in zip(LOSS_NAMES, losses)},
+                       "planner_hz": stats["planner_hz"], "wall_seconds": time.time() - wall_start})
             bar.set_postfix(ret=f"{stats['return']:.1f}", mean10=f"{np.mean(returns[-10:]):.1f}",
                             hz=f"{stats['planner_hz']:.1f}")
             bar.update(1)
@@ -972,8 +987,7 @@ def train(args: Args) -> Path:
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
         bar.close()
-        writer.close()
-        csv_file.close()
+        log.close()
         env.close()
     return run_dir
 
