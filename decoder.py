@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import sys
 import warnings
@@ -172,7 +171,7 @@ def collect(opts) -> Path:
     keep every frame (with its proprio), episode by episode."""
     from tqdm import tqdm
 
-    device = valdi.pick_device(valdi.Args(cuda=opts.cuda))
+    device = valdi.pick_device(opts.cuda)
     args, model = valdi.load_run(opts.run_dir, device)
     if opts.max_episode_steps is not None:
         args.max_episode_steps = opts.max_episode_steps
@@ -242,9 +241,12 @@ def evenly_spaced(n: int, k: int) -> np.ndarray:
 
 
 def train(opts) -> Path:
+    """Supp. G: fit the ViT decoder to map each frame's latent back to the frame (pixel MSE, Adam),
+    with the run's encoder frozen. Validation loss on held-out episodes at step 0 and every
+    --eval-every steps, each time with an atomic checkpoint; then a reconstruction PNG."""
     from tqdm import tqdm
 
-    device = valdi.pick_device(valdi.Args(cuda=opts.cuda))
+    device = valdi.pick_device(opts.cuda)
     args, model = valdi.load_run(opts.run_dir, device)
     data = load_dataset(opts.run_dir)
     is_val = data["is_val"].astype(bool)
@@ -255,7 +257,9 @@ def train(opts) -> Path:
     torch.manual_seed(opts.seed)
     generator = torch.Generator().manual_seed(opts.seed)
 
-    latents = encode_frames(model, data["rgb"], data["proprio"], device, desc="encode")
+    # .clone() turns the inference-mode result into an ordinary tensor that autograd may read
+    # (it still carries no gradient: the encoder is out of the decoder's graph for good).
+    latents = encode_frames(model, data["rgb"], data["proprio"], device, desc="encode").clone()
     rgb = torch.from_numpy(data["rgb"])  # stays on the host as uint8; batches travel
     val_idx = val_idx[evenly_spaced(len(val_idx), opts.val_max_frames)]
 
@@ -289,7 +293,7 @@ def train(opts) -> Path:
 
     record(0, float("nan"))  # the untrained decoder's validation loss: the number to beat
     bar = tqdm(range(1, opts.steps + 1), unit="step", desc="train decoder", dynamic_ncols=True)
-    running, seen, step = 0.0, 0, 1
+    running, seen, step = torch.zeros((), device=device), 0, 1  # summed on the device: no sync per step
     try:
         for step in bar:
             pick = torch.from_numpy(train_idx)[torch.randint(len(train_idx), (opts.batch_size,), generator=generator)]
@@ -298,14 +302,14 @@ def train(opts) -> Path:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            running, seen = running + loss.item(), seen + 1
+            running, seen = running + loss.detach(), seen + 1
             if step % opts.eval_every == 0 or step == opts.steps:
-                record(step, running / seen)
-                running, seen = 0.0, 0
+                record(step, running.item() / seen)
+                running, seen = torch.zeros((), device=device), 0
                 bar.set_postfix(train=f"{history['train_loss'][-1]:.4f}", val=f"{history['val_loss'][-1]:.4f}")
     except KeyboardInterrupt:  # keep what was learnt; the last finished step is `step - 1`
         bar.close()
-        record(step - 1, running / max(seen, 1))
+        record(step - 1, running.item() / max(seen, 1))
         print(f"\ninterrupted: decoder of step {step - 1} saved to {out / DECODER_NAME}", file=sys.stderr)
         raise SystemExit(130)
     bar.close()
@@ -376,7 +380,7 @@ def pairwise_lpips(lp, images: torch.Tensor) -> torch.Tensor:
 
 def mean_pairwise(distance: torch.Tensor) -> float:
     """Mean over the N (N - 1) / 2 distinct pairs."""
-    i, j = torch.triu_indices(len(distance), len(distance), offset=1)
+    i, j = torch.triu_indices(len(distance), len(distance), offset=1, device=distance.device)
     return float(distance[i, j].mean())
 
 
@@ -442,7 +446,7 @@ def diversity(opts) -> dict:
         raise ValdiError("--num-starts must be at least 1")
     if any(not 1 <= s <= valdi.DIFFUSION_T for s in opts.diffusion_steps):
         raise ValdiError(f"--diffusion-steps must lie in 1..{valdi.DIFFUSION_T}")
-    device = valdi.pick_device(valdi.Args(cuda=opts.cuda))
+    device = valdi.pick_device(opts.cuda)
     args, model = valdi.load_run(opts.run_dir, device)
     data = load_dataset(opts.run_dir)
     decoder, _ = load_decoder(opts.run_dir, device, args.latent_dim)
@@ -450,8 +454,8 @@ def diversity(opts) -> dict:
     if opts.num_starts > len(candidates):
         raise ValdiError(f"--num-starts {opts.num_starts} exceeds the {len(candidates)} eligible validation frames")
     starts = candidates[evenly_spaced(len(candidates), opts.num_starts)]
+    torch.manual_seed(opts.seed)  # before LPIPS: its random trunk, if asked for, is seeded too
     lp = make_lpips(opts.lpips_random_backbone, device)
-    torch.manual_seed(opts.seed)
     generator = torch.Generator(device=device).manual_seed(opts.seed)
 
     z0 = encode_frames(model, data["rgb"][starts], data["proprio"][starts], device)
@@ -502,7 +506,7 @@ def futures(opts) -> Path:
         raise ValdiError(f"--num-futures {opts.num_futures} is fewer than the 4 futures the figure shows")
     if not 1 <= opts.diffusion_steps <= valdi.DIFFUSION_T:
         raise ValdiError(f"--diffusion-steps must lie in 1..{valdi.DIFFUSION_T}")
-    device = valdi.pick_device(valdi.Args(cuda=opts.cuda))
+    device = valdi.pick_device(opts.cuda)
     args, model = valdi.load_run(opts.run_dir, device)
     data = load_dataset(opts.run_dir)
     decoder, _ = load_decoder(opts.run_dir, device, args.latent_dim)
@@ -513,8 +517,8 @@ def futures(opts) -> Path:
         raise ValdiError(f"--start {opts.start} is not a frame of the dataset (0..{len(data['rgb']) - 1})")
     else:
         start = opts.start
+    torch.manual_seed(opts.seed)  # before LPIPS: its random trunk, if asked for, is seeded too
     lp = make_lpips(opts.lpips_random_backbone, device)
-    torch.manual_seed(opts.seed)
     generator = torch.Generator(device=device).manual_seed(opts.seed)
 
     bar = tqdm(total=4, unit="stage", desc="futures", dynamic_ncols=True)
@@ -598,12 +602,12 @@ def save_grid(path: Path, rows: list, row_labels: list[str], col_titles: list[st
 # 7. Command line
 # =============================================================================================
 def build_parser() -> argparse.ArgumentParser:
-    parser = valdi._OneLineParser(
+    parser = valdi.OneLineParser(
         prog="decoder.py",
         description="Post-hoc pixel decoder of a Valdi run, LPIPS diversity (Fig. 3 right) and "
                     "diverse futures (Fig. 5). Each subcommand writes into RUN_DIR/decoder/.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                     parser_class=valdi._OneLineParser)
+                                     parser_class=valdi.OneLineParser)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help,

@@ -15,8 +15,9 @@ a trained agent comes from one subcommand here:
 
 Each subcommand takes run directories made by `python valdi.py` (or their checkpoint.pt),
 prints a table, and writes its numbers to RUN_DIR/eval/<subcommand>.json. Nothing here
-re-implements the agent: networks, encoder, planner (Eq. 10), imagination and the closed loop
-all come from valdi.py, so what is measured is exactly what was trained.
+re-implements the agent: networks, encoder, planner (Eq. 10), imagination, checkpoint loading and
+the evaluation loop all come from valdi.py, so what is measured is exactly what was trained.
+(`grounding` keeps the agent's loop in view for one reason: it needs the plans, see section 4.)
 
     python eval_diagnostics.py returns RUN_DIR [RUN_DIR ...] --diffusion-steps 1 2 4 8
     python eval_diagnostics.py consistency VALDI_RUN MLP_RUN
@@ -106,11 +107,6 @@ def planner_overrides(ns: argparse.Namespace) -> dict:
     return {"pop_size": ns.pop_size, "num_elites": ns.num_elites, "cem_iters": ns.cem_iters}
 
 
-def pick_device(use_cuda: bool) -> torch.device:
-    """valdi.pick_device takes the training flags; only their `cuda` field matters to it."""
-    return valdi.pick_device(valdi.Args(cuda=use_cuda))
-
-
 def new_generator(device: torch.device, seed: int) -> torch.Generator:
     """Every random draw of the planner and of the diffusion sampler goes through this generator
     (valdi.plan and WorldModel.imagine take one), so a seed fixes an evaluation completely: the
@@ -153,6 +149,14 @@ def _jsonable(obj):
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file this project wrote; a damaged one is a one-line error, not a traceback."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise valdi.ValdiError(f"cannot read {path}: {str(exc).splitlines()[0][:200]}") from None
 
 
 def write_json(path: Path, data: dict) -> Path:
@@ -217,7 +221,7 @@ def merge_results(old: dict | None, new: dict) -> dict:
 
 
 def cmd_returns(ns: argparse.Namespace) -> int:
-    device = pick_device(ns.cuda)
+    device = valdi.pick_device(ns.cuda)
     runs = load_runs(ns.runs, device, planner_overrides(ns))
     for run in runs:  # the evaluation episode length, whatever the run trained with (600, Supp. E)
         run.args = dataclasses.replace(run.args, max_episode_steps=ns.frames)
@@ -236,7 +240,7 @@ def cmd_returns(ns: argparse.Namespace) -> int:
                     "planner": {k: getattr(run.args, k) for k in ("pop_size", "num_elites", "cem_iters", "horizon")},
                     "track_seeds": seeds, "results": results}
             path = run.eval_dir / "returns.json"
-            old = json.loads(path.read_text()) if path.exists() else None
+            old = read_json(path) if path.exists() else None
             write_json(path, merge_results(old, data))
             bar.write(f"wrote {path}", file=sys.stderr)
             for r in results:
@@ -423,7 +427,7 @@ def run_steps(run: Run, requested: int | None) -> int | None:
 
 
 def cmd_consistency(ns: argparse.Namespace) -> int:
-    device = pick_device(ns.cuda)
+    device = valdi.pick_device(ns.cuda)
     runs = load_runs(ns.runs, device, planner_overrides(ns))
     if ns.dataset is not None and len(runs) > 1:
         raise valdi.ValdiError("--dataset names one run's dataset; give one run with it")
@@ -463,40 +467,31 @@ def cmd_consistency(ns: argparse.Namespace) -> int:
 @torch.inference_mode()
 def closed_loop_episode(env, run: Run, device: torch.device, track_seed: int, steps: int | None,
                         generator: torch.Generator) -> dict:
-    """One episode of the agent's loop that also records what it imagined.
-
-    This is valdi.collect_trajectory's loop (same encoder, same planner, same chunk execution)
-    kept in view here because that function returns only the executed actions, and Eq. 3 needs
-    the whole plan the agent acted on at each step. Returns real latents (R, D), imagined
-    rollouts (T, H+1, D), the return and the episode length."""
+    """One episode of the agent's own loop (valdi.collect_trajectory, noise 0) that also records,
+    at every plan, the real latent z_t and a rollout imagined from the plan the agent acted on.
+    Returns real latents (R, D), imagined rollouts (T, H+1, D), the return and the length."""
     args, model = run.args, run.model
-    obs, _ = env.reset(seed=track_seed)
-    real, imagined, total, length = [], [], 0.0, 0
-    terminated = truncated = False
-    while not (terminated or truncated):
-        z = valdi.encode_observation(model, obs, device)  # z_t (1, D)
-        actions = valdi.plan(model, z, args, 0.0, steps, generator)  # (1, H, 9)
+    real, imagined = [], []
+
+    def record(z, actions):  # z_t (1, D), the plan (1, H, 9)
         real.append(z[0])
         imagined.append(model.imagine(z, actions, steps or 1, generator)[0])  # z_hat_{0..H}
-        executed = 0
-        for action in actions[0, 0].view(args.action_chunk, valdi.ENV_ACTION_DIM).cpu().numpy():
-            obs, reward, terminated, truncated, _ = env.step(action)
-            total += float(reward)
-            length += 1
-            executed += 1
-            if terminated or truncated:
-                break
+
+    traj, stats = valdi.collect_trajectory(env, model, args, device, 0.0, track_seed, steps, generator,
+                                           on_plan=record)
     # The last observation is a real z_{t+1} only if the last chunk ran in full (it then sits
     # exactly 3 frames after the last plan) and is not a terminal state: a terminal state has
     # no future, its value is never trained (the TD target masks it), so comparing it would
     # measure nothing. Truncation at 600 frames is not terminal (Supp. E).
-    if executed == args.action_chunk and not terminated:
-        real.append(valdi.encode_observation(model, obs, device)[0])
-    return {"real": torch.stack(real), "imagined": torch.stack(imagined), "return": total, "length": length}
+    if stats["length"] == len(real) * args.action_chunk and not traj["terminated"]:
+        last = {"rgb": traj["rgb"][-1], "proprio": traj["proprio"][-1]}
+        real.append(valdi.encode_observation(model, last, device)[0])
+    return {"real": torch.stack(real), "imagined": torch.stack(imagined), "return": stats["return"],
+            "length": stats["length"]}
 
 
 def cmd_grounding(ns: argparse.Namespace) -> int:
-    device = pick_device(ns.cuda)
+    device = valdi.pick_device(ns.cuda)
     runs = load_runs(ns.runs, device, planner_overrides(ns))
     seeds = fixed_track_seeds(ns.episodes)
     results = []
@@ -566,7 +561,8 @@ def encoder_flops(encoder: valdi.Encoder, image_size: int = 96) -> int:
     for m in encoder.pixels:
         if isinstance(m, nn.Conv2d):
             size = (size + 2 * m.padding[0] - m.kernel_size[0]) // m.stride[0] + 1
-            flops += 2 * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1] * m.out_channels * size * size
+            per_pixel = 2 * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            flops += per_pixel * size * size
     return flops + linear_flops(encoder)
 
 
@@ -634,12 +630,16 @@ def median_seconds(fn, device: torch.device, warmup: int, repeats: int) -> float
 
 
 def matmul_flops_per_second(device: torch.device, warmup: int, repeats: int) -> tuple[float, int]:
-    """The reference: a dense float32 n x n matmul (2 n^3 FLOPs) in this process, on this device,
-    with the same precision settings (TF32 on CUDA after valdi.pick_device). The fraction of it
-    that the planner reaches says how well its many small matmuls use the hardware."""
-    n = 4096 if device.type == "cuda" else 1024
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    return 2 * n**3 / median_seconds(lambda: a @ b, device, warmup, repeats), n
+    """The reference: dense float32 n x n matmuls (2 n^3 FLOPs) in this process, on this device,
+    with the same precision settings (TF32 on CUDA after valdi.pick_device). Two sizes, the
+    faster one wins: the reference should be the best this device does, so that the fraction the
+    planner reaches says how well its many small matmuls use the hardware. Returns (FLOP/s, n)."""
+    best = (0.0, 0)
+    for n in ((4096, 8192) if device.type == "cuda" else (1024, 2048)):
+        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+        best = max(best, (2 * n**3 / median_seconds(lambda: a @ b, device, max(1, warmup), repeats), n))
+        del a, b
+    return best
 
 
 def synthetic_batch(args: valdi.Args, device: torch.device) -> dict:
@@ -655,7 +655,7 @@ def synthetic_batch(args: valdi.Args, device: torch.device) -> dict:
     return valdi.to_device(buffer.sample(args.batch_size), device)
 
 
-def speed_of(dynamics: str, ns: argparse.Namespace, device: torch.device, matmul: float) -> list[dict]:
+def speed_of(dynamics: str, ns: argparse.Namespace, device: torch.device) -> list[dict]:
     """Rows of the speed table for one dynamics: one per diffusion step count (one for the MLP)."""
     args = valdi.Args(dynamics=dynamics, pop_size=ns.pop_size, num_elites=ns.num_elites, cem_iters=ns.cem_iters,
                       horizon=ns.horizon, batch_size=ns.batch_size, cuda=ns.cuda)
@@ -678,24 +678,31 @@ def speed_of(dynamics: str, ns: argparse.Namespace, device: torch.device, matmul
         p_flops = plan_flops(model, args, steps or 1)
         rows.append({"dynamics": dynamics, "diffusion_steps": steps,
                      "plans_per_s": 1 / plan_s, "plan_flops": p_flops, "plan_flops_per_s": p_flops / plan_s,
-                     "plan_fraction_of_matmul": p_flops / plan_s / matmul,
                      "updates_per_s": 1 / update_s, "update_flops": upd_flops,
-                     "update_flops_per_s": upd_flops / update_s,
-                     "update_fraction_of_matmul": upd_flops / update_s / matmul})
+                     "update_flops_per_s": upd_flops / update_s})
     return rows
 
 
 def cmd_speed(ns: argparse.Namespace) -> int:
-    device = pick_device(ns.cuda)
-    with progress(total=1 + len(ns.dynamics), desc="speed", unit="part") as bar:
+    device = valdi.pick_device(ns.cuda)
+    with progress(total=2 + len(ns.dynamics), desc="speed matmul", unit="part") as bar:
         matmul, n = matmul_flops_per_second(device, ns.warmup, ns.repeats)
         bar.update(1)
-        rows = []
+        measured = []
         for dynamics in ns.dynamics:
             bar.set_description(f"speed {dynamics}")
-            rows += speed_of(dynamics, ns, device, matmul)
+            measured.append(speed_of(dynamics, ns, device))
             bar.update(1)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+        # The reference again at the end, keeping the better: on a shared machine a busy moment
+        # during the first measurement would otherwise inflate every fraction (even above 1).
+        matmul, n = max((matmul, n), matmul_flops_per_second(device, ns.warmup, ns.repeats))
+        bar.update(1)
+    rows = []
+    for row in (r for part in measured for r in part):
+        rows.append({**row, "plan_fraction_of_matmul": row["plan_flops_per_s"] / matmul,
+                     "update_fraction_of_matmul": row["update_flops_per_s"] / matmul})
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"CPU, torch threads {torch.get_num_threads()}")
     print(f"\nSpeed on {device} ({name}); population {ns.pop_size}, elites {ns.num_elites}, CEM iterations "
           f"{ns.cem_iters}, horizon {ns.horizon}, batch {ns.batch_size}; dense {n}x{n} float32 matmul "
           f"{matmul / 1e9:.1f} GFLOP/s; median of {ns.repeats} after {ns.warmup} warm-up")
@@ -734,7 +741,8 @@ def read_progress(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def moving_average(x: np.ndarray, window: int) -> np.ndarray:
-    """Trailing mean over `window` trajectories (shorter at the start, so the curve starts at 0)."""
+    """Trailing mean over the last `window` trajectories (over fewer at the start, so the curve
+    begins with the first trajectory instead of `window` trajectories in)."""
     c = np.cumsum(np.insert(np.asarray(x, np.float64), 0, 0.0))
     idx = np.arange(1, len(x) + 1)
     lo = np.maximum(0, idx - window)
@@ -755,9 +763,11 @@ def cmd_plot(ns: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
 
     run_dirs = [run_dir_of(p) for p in ns.runs]
-    for d in run_dirs:
+    for d in run_dirs:  # every input checked before any output: one error line, nothing half-drawn
         if not d.is_dir():
             raise valdi.ValdiError(f"no run directory at {d}")
+        if not (d / "progress.csv").is_file():
+            raise valdi.ValdiError(f"no progress.csv in {d} (is it a run directory made by valdi.py?)")
     out_dir = Path(ns.out_dir) if ns.out_dir else run_dirs[0] / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -797,7 +807,7 @@ def cmd_plot(ns: argparse.Namespace) -> int:
     # --- Figure 3 (left): evaluation return against inference diffusion steps -------------------
     # Valdi runs are lines over the step counts; the MLP has no steps and is a horizontal line.
     # decoder.py's LPIPS diversity (when present) goes on a second axis, as in the paper.
-    evals = {d: json.loads((d / "eval" / "returns.json").read_text())
+    evals = {d: read_json(d / "eval" / "returns.json")
              for d in run_dirs if (d / "eval" / "returns.json").is_file()}
     if evals:
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -821,7 +831,9 @@ def cmd_plot(ns: argparse.Namespace) -> int:
             ax.fill_between(steps, mean - sem, mean + sem, color=color, alpha=0.15)
             diversity = run_dir / DIVERSITY_JSON
             if diversity.is_file():
-                lp = json.loads(diversity.read_text())
+                lp = read_json(diversity)
+                if not {"diffusion_steps", "lpips_mean"} <= set(lp):
+                    raise valdi.ValdiError(f"{diversity} lacks diffusion_steps / lpips_mean (written by decoder.py?)")
                 ax2 = ax2 or ax.twinx()
                 ax2.errorbar(lp["diffusion_steps"], lp["lpips_mean"], yerr=lp.get("lpips_std"), color=color,
                              linestyle=":", marker="s", capsize=3, label=f"{run_dir.name} LPIPS")
@@ -879,26 +891,33 @@ def diffusion_steps_type(text: str) -> int:
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None: those flags say in their help what the default is."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     # valdi's one-line parser: a bad flag prints one line, not the whole usage block. Subparsers
     # inherit the class, so subcommand errors are one line too.
-    parser = valdi._OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = valdi.OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                  formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    device = valdi._OneLineParser(add_help=False)
+    device = valdi.OneLineParser(add_help=False)
     device.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True,
                         help="use CUDA when it is available (--no-cuda forces the CPU)")
-    runs = valdi._OneLineParser(add_help=False)
+    runs = valdi.OneLineParser(add_help=False)
     runs.add_argument("runs", nargs="+", metavar="RUN", help="run directories of valdi.py (or their checkpoint.pt)")
-    planner = valdi._OneLineParser(add_help=False)
+    planner = valdi.OneLineParser(add_help=False)
     for name, what in (("pop-size", "CEM population"), ("num-elites", "CEM elites"), ("cem-iters", "CEM iterations")):
         planner.add_argument(f"--{name}", type=positive_int, default=None,
                              help=f"{what} for this evaluation (default: the run's own)")
 
     def command(name, help, parents):
         return sub.add_parser(name, help=help, description=help, parents=parents,
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=_HelpFormatter)
 
     p = command("returns", "evaluation returns on the fixed tracks, per diffusion step count (Fig. 3 left)",
                 [runs, planner, device])

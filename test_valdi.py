@@ -1,12 +1,18 @@
 """Tests of the Valdi reference implementation: `python -m pytest` (the whole suite runs on CPU).
 
+Sections: valdi.py (the agent), then eval_diagnostics.py (issue 3), then decoder.py (issue 4).
+
 Everything here is real: the real CarRacing env, the real networks, real files on disk. Tiny
 flags keep the suite fast; the numbers the paper fixes (parameter counts, schedules) are
 checked at the paper's defaults."""
 
 import copy
+import hashlib
+import itertools
+import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +23,8 @@ import numpy as np
 import pytest
 import torch
 
+import decoder
+import eval_diagnostics as ed
 import valdi
 
 HERE = Path(__file__).resolve().parent
@@ -46,6 +54,11 @@ def tiny_runs(tmp_path_factory):
         assert valdi.main([*TINY, "--runs-dir", str(parent), "--dynamics", dynamics]) == 0
         runs[dynamics] = only_run_dir(parent)
     return runs
+
+
+def copy_run(run_dir: Path, parent: Path) -> Path:
+    """A private copy of a tiny run, for tests that write into it."""
+    return Path(shutil.copytree(run_dir, Path(parent) / run_dir.name))
 
 
 def tiny_args(**overrides) -> valdi.Args:
@@ -525,3 +538,446 @@ def test_import_does_no_work(tmp_path):
                             cwd=tmp_path, timeout=60, env={**os.environ, "PYTHONPATH": str(HERE)})
     assert result.returncode == 0 and result.stdout == "" and result.stderr == ""
     assert list(tmp_path.iterdir()) == []  # no run directory, no files
+
+
+# =============================================================================================
+# eval_diagnostics.py: returns on fixed tracks, Table 1 diagnostics, speed, plots
+# =============================================================================================
+@pytest.fixture(scope="module")
+def runs(tiny_runs, tmp_path_factory):
+    """Copies of the tiny runs, for eval_diagnostics.py to write its eval/ folders into."""
+    return {dynamics: copy_run(tiny_runs[dynamics], tmp_path_factory.mktemp(f"eval_{dynamics}"))
+            for dynamics in ("diffusion", "mlp")}
+
+
+def returns_cli(runs):
+    code = ed.main(["returns", str(runs["diffusion"]), str(runs["mlp"]), "--episodes", "2", "--frames", "30",
+                    "--diffusion-steps", "1", "2", "--no-cuda"])
+    assert code == 0
+    return {kind: json.loads((d / "eval" / "returns.json").read_text()) for kind, d in runs.items()}
+
+
+@pytest.fixture(scope="module")
+def evaluated(runs):
+    """`returns` run once on both tiny runs (the plot test needs its JSON too)."""
+    return returns_cli(runs)
+
+
+# --- fixed tracks ---------------------------------------------------------------------------------
+def test_fixed_track_seeds_are_the_protocols():
+    seeds = ed.fixed_track_seeds()
+    expected = np.random.default_rng(12345).integers(0, 2**31 - 1, size=100)
+    assert seeds == [int(s) for s in expected]
+    assert all(0 <= s < 2**31 - 1 for s in seeds) and len(set(seeds)) == 100
+    assert ed.fixed_track_seeds(7) == seeds[:7]  # --episodes K means the first K tracks
+    assert ed.fixed_track_seeds(150)[:100] == seeds
+
+
+# --- returns --------------------------------------------------------------------------------------
+def test_returns_one_per_episode_and_step_count_and_reproducible(runs, evaluated, capsys):
+    seeds = ed.fixed_track_seeds(2)
+    diff, mlp = evaluated["diffusion"], evaluated["mlp"]
+    assert diff["track_seeds"] == seeds and mlp["track_seeds"] == seeds
+    assert [r["diffusion_steps"] for r in diff["results"]] == [1, 2]
+    assert [r["diffusion_steps"] for r in mlp["results"]] == [None]  # the MLP has no steps
+    for r in diff["results"] + mlp["results"]:
+        assert len(r["returns"]) == 2 and r["lengths"] == [30, 30]
+        assert r["mean"] == pytest.approx(np.mean(r["returns"]))
+        assert r["min"] == min(r["returns"]) and r["max"] == max(r["returns"])
+    # Same seeds, same returns: the per-episode torch.Generator fixes every random draw. In 30
+    # frames returns often tie across policies (1000/N per tile minus 0.1 per frame), so the mean
+    # speeds, which follow every executed action, are compared too; they do differ between systems.
+    capsys.readouterr()
+    again = returns_cli(runs)
+    out = capsys.readouterr().out
+    assert runs["diffusion"].name in out and runs["mlp"].name in out and "mean speed" in out
+    for kind in ("diffusion", "mlp"):
+        for key in ("returns", "mean_speeds"):
+            assert [r[key] for r in again[kind]["results"]] == [r[key] for r in evaluated[kind]["results"]]
+    assert diff["results"][0]["mean_speeds"] != mlp["results"][0]["mean_speeds"]
+    assert all(s > 0 for r in diff["results"] + mlp["results"] for s in r["mean_speeds"])
+
+
+def test_returns_sweep_merges_step_counts(runs, evaluated):
+    assert ed.main(["returns", str(runs["diffusion"]), "--episodes", "2", "--frames", "30",
+                    "--diffusion-steps", "4", "--no-cuda"]) == 0
+    data = json.loads((runs["diffusion"] / "eval" / "returns.json").read_text())
+    assert [r["diffusion_steps"] for r in data["results"]] == [1, 2, 4]  # same tracks: earlier counts kept
+    assert data["results"][0]["returns"] == evaluated["diffusion"]["results"][0]["returns"]
+
+
+# --- Table 1 arithmetic by hand --------------------------------------------------------------------
+def test_td_residuals_and_error_rows_by_hand():
+    rewards = np.array([[1.0, 2.0], [0.0, -1.0]])
+    values = np.array([[10.0, 20.0, 30.0], [4.0, 2.0, 8.0]])
+    d = ed.td_residuals(rewards, values, gamma_wm=0.5)
+    # row 0: 1 + 0.5*20 - 10 = 1;  2 + 0.5*30 - 20 = -3
+    # row 1: 0 + 0.5*2 - 4 = -3;  -1 + 0.5*8 - 2 = 1
+    np.testing.assert_allclose(d, [[1.0, -3.0], [-3.0, 1.0]])
+    rows = ed.error_rows(list(d.T), first_h=0)
+    assert [r["h"] for r in rows] == [0, 1]
+    assert rows[0] == {"h": 0, "mean": -1.0, "mean_abs": 2.0, "std": 2.0, "count": 2}
+    assert rows[1] == {"h": 1, "mean": -1.0, "mean_abs": 2.0, "std": 2.0, "count": 2}
+
+
+def test_drift_residuals_by_hand():
+    real = np.array([1.0, 2.0, 3.0, 4.0])  # V(z_t), t = 0..3: 3 plans and the final state
+    imagined = np.array([[1.0, 1.5, 2.5], [2.0, 2.0, 5.0], [3.0, 3.5, 1.0]])  # V(z_hat_h), H = 2
+    h1, h2 = ed.drift_residuals(real, imagined)
+    np.testing.assert_allclose(h1, [2 - 1.5, 3 - 2.0, 4 - 3.5])
+    np.testing.assert_allclose(h2, [3 - 2.5, 4 - 5.0])  # the last plan's z_{t+2} never happened
+    # An episode that ended with a termination has no final real state: one fewer at each depth.
+    h1, h2 = ed.drift_residuals(real[:3], imagined)
+    np.testing.assert_allclose(h1, [0.5, 1.0])
+    np.testing.assert_allclose(h2, [0.5])
+    rows = ed.error_rows([np.array([0.5, 1.0, 0.5]), np.array([0.5, -1.0])], first_h=1)
+    assert rows[0]["h"] == 1 and rows[0]["count"] == 3
+    assert rows[0]["mean"] == pytest.approx(2 / 3) and rows[0]["std"] == pytest.approx(np.sqrt(1 / 18))
+    assert rows[1]["mean"] == pytest.approx(-0.25) and rows[1]["mean_abs"] == pytest.approx(0.75)
+
+
+def test_td_and_drift_of_the_model_on_a_fixed_trajectory(runs):
+    """The model-fed diagnostics equal a term-by-term hand computation with model.reward/value."""
+    args, model = valdi.load_run(runs["diffusion"], "cpu")
+    traj = valdi.load_trajectory(runs["diffusion"] / "trajectories" / "000000.npz")
+    H, c = args.horizon, args.action_chunk
+    with torch.inference_mode():
+        frames = np.arange(0, len(traj["rgb"]), c)  # one real latent per world-model step
+        real = model.encode(torch.from_numpy(traj["rgb"][frames]), torch.from_numpy(traj["proprio"][frames]))
+        T = len(real) - 1  # plans with at least one real successor
+        chunks = torch.from_numpy(traj["actions"][: (len(traj["actions"]) // c) * c]).reshape(-1, c * 3)
+        # A fixed action sequence from each start: the next H executed chunks (zero-padded at the end).
+        padded = torch.cat([chunks, torch.zeros(H, c * 3)])
+        actions = torch.stack([padded[t:t + H] for t in range(T)])
+        imagined = model.imagine(real[:T], actions, 1, torch.Generator().manual_seed(0))
+        gamma_wm = args.gamma ** c
+        td = ed.td_of_rollouts(model, imagined, actions, gamma_wm)
+        drift = ed.drift_of_episode(model, real, imagined)
+        V = lambda z: float(model.value(z))
+        for t in range(T):
+            for h in range(H):
+                hand = (float(model.reward(imagined[t, h], actions[t, h])) + gamma_wm * V(imagined[t, h + 1])
+                        - V(imagined[t, h]))
+                assert td[t, h] == pytest.approx(hand, abs=1e-4)
+        for h in range(1, H + 1):
+            hand = [V(real[t + h]) - V(imagined[t, h]) for t in range(T) if t + h < len(real)]
+            assert len(drift[h - 1]) == len(hand) > 0
+            np.testing.assert_allclose(drift[h - 1], hand, atol=1e-4)
+
+
+# --- consistency and grounding on the tiny runs ---------------------------------------------------
+def test_consistency_reuses_decoder_dataset_or_collects(runs, capsys):
+    # decoder.py's `collect` format for the MLP run; the Valdi run has none and collects its own.
+    traj = valdi.load_trajectory(runs["mlp"] / "trajectories" / "000001.npz")
+    n = len(traj["rgb"])
+    (runs["mlp"] / "decoder").mkdir(exist_ok=True)
+    np.savez(runs["mlp"] / "decoder" / "dataset.npz", rgb=traj["rgb"], proprio=traj["proprio"],
+             episode=np.zeros(n, np.int32), step=np.arange(n, dtype=np.int32), is_val=np.arange(n) % 5 == 0)
+    assert ed.main(["consistency", str(runs["diffusion"]), str(runs["mlp"]), "--num-states", "8", "--frames", "30",
+                    "--plan-batch", "5", "--no-cuda"]) == 0
+    out = capsys.readouterr().out
+    assert runs["diffusion"].name in out and runs["mlp"].name in out and "**" in out  # side by side, marked
+    for kind, source in (("diffusion", "collected"), ("mlp", "dataset.npz")):
+        data = json.loads((runs[kind] / "eval" / "consistency.json").read_text())
+        assert source in data["source"]
+        assert [r["h"] for r in data["rows"]] == [0, 1, 2, 3, 4]
+        for r in data["rows"]:
+            assert r["count"] == 8
+            assert r["mean_abs"] >= abs(r["mean"]) - 1e-12 and r["std"] >= 0
+
+
+def test_grounding_counts_per_depth(runs, capsys):
+    assert ed.main(["grounding", str(runs["diffusion"]), str(runs["mlp"]), "--episodes", "1", "--wm-steps", "8",
+                    "--no-cuda"]) == 0
+    out = capsys.readouterr().out
+    assert "delta_drift" in out and "**" in out
+    for kind in ("diffusion", "mlp"):
+        data = json.loads((runs[kind] / "eval" / "grounding.json").read_text())
+        assert data["lengths"] == [24] and data["track_seeds"] == ed.fixed_track_seeds(1)
+        # 8 plans and 9 real states (the last chunk ran in full): depth h pairs 9 - h of them.
+        assert [(r["h"], r["count"]) for r in data["rows"]] == [(1, 8), (2, 7), (3, 6), (4, 5), (5, 4)]
+        assert all(np.isfinite(r["mean"]) and r["mean_abs"] >= abs(r["mean"]) - 1e-12 for r in data["rows"])
+
+
+# --- speed: FLOPs by hand -------------------------------------------------------------------------
+# Layer sizes from the facts file (Supp. B), written out independently of the code.
+def hand_linear(*pairs):
+    return sum(2 * i * o for i, o in pairs)
+
+
+MLP_F = hand_linear((73, 384), *[(384, 768), (768, 384)] * 6, (384, 64))  # per row
+REWARD = hand_linear((73, 256), *[(256, 512), (512, 256)] * 2, (256, 1))  # per row
+VALUE = 2 * hand_linear((64, 512), (512, 512), (512, 1))  # both heads, per row
+BLOCK_PER_TOKEN = hand_linear((256, 768), (256, 256), (256, 512), (512, 256))  # qkv, proj, FFN
+ENCODER = (2 * 3 * 5 * 5 * 16 * 32 * 32 + 2 * 16 * 3 * 3 * 32 * 16 * 16 + 2 * 32 * 3 * 3 * 64 * 8 * 8
+           + 2 * 64 * 3 * 3 * 128 * 4 * 4 + 2 * 128 * 4 * 4 * 256 * 1 * 1
+           + hand_linear((256, 256), (7, 256), (256, 256), (512, 512), (512, 64)))
+
+
+def hand_transformer(H):
+    L = H + 1  # condition token + H futures
+    return 6 * (L * BLOCK_PER_TOKEN + 2 * (2 * L * L * 256)) + H * hand_linear((256, 64))
+
+
+def test_flop_counts_equal_hand_counts():
+    pop, iters, H, B = 16, 2, 2, 4
+    common = dict(pop_size=pop, num_elites=4, cem_iters=iters, horizon=H, batch_size=B)
+    mlp_args, diff_args = valdi.Args(dynamics="mlp", **common), valdi.Args(dynamics="diffusion", **common)
+    mlp, diff = valdi.WorldModel(mlp_args), valdi.WorldModel(diff_args)
+    assert ed.plan_flops(mlp, mlp_args) == iters * pop * (H * MLP_F + H * REWARD + VALUE)
+    assert ed.plan_flops(diff, diff_args, diffusion_steps=2) == iters * pop * (2 * hand_transformer(H) + H * REWARD + VALUE)
+    sigreg = 2 * B * 64 * 1024
+    with_grad = B * ENCODER + B * H * MLP_F + B * (H + 1) * (REWARD + VALUE) + sigreg
+    no_grad = B * H * ENCODER + B * (H + 1) * (ENCODER + VALUE)
+    assert ed.update_flops(mlp, mlp_args) == 3 * with_grad + no_grad
+    with_grad = B * ENCODER + B * hand_transformer(H) + B * (H + 1) * (REWARD + VALUE) + sigreg
+    assert ed.update_flops(diff, diff_args) == 3 * with_grad + no_grad
+
+
+def test_speed_prints_positive_rates_and_the_hand_flop_count(tmp_path, capsys):
+    path = tmp_path / "speed.json"
+    assert ed.main(["speed", "--pop-size", "16", "--num-elites", "4", "--cem-iters", "2", "--horizon", "2",
+                    "--batch-size", "4", "--diffusion-steps", "2", "--warmup", "1", "--repeats", "2",
+                    "--json", str(path), "--no-cuda"]) == 0
+    out = capsys.readouterr().out
+    assert "plans/s" in out and "updates/s" in out and "| mlp" in out and "| diffusion" in out
+    data = json.loads(path.read_text())
+    assert data["matmul_flops_per_s"] > 0
+    rows = {r["dynamics"]: r for r in data["rows"]}
+    assert rows["diffusion"]["plan_flops"] == 2 * 16 * (2 * hand_transformer(2) + 2 * REWARD + VALUE)
+    assert rows["mlp"]["plan_flops"] == 2 * 16 * (2 * MLP_F + 2 * REWARD + VALUE)
+    for r in rows.values():
+        for key in ("plans_per_s", "updates_per_s", "plan_flops_per_s", "plan_fraction_of_matmul",
+                    "update_fraction_of_matmul"):
+            assert r[key] > 0, key
+
+
+# --- plot -----------------------------------------------------------------------------------------
+def test_plot_writes_nonempty_pngs(runs, evaluated, tmp_path, capsys):
+    (runs["diffusion"] / "decoder").mkdir(exist_ok=True)
+    (runs["diffusion"] / "decoder" / "diversity.json").write_text(json.dumps(
+        {"diffusion_steps": [1, 2, 4, 8], "lpips_mean": [0.006, 0.025, 0.033, 0.039],
+         "lpips_std": [0.001, 0.004, 0.005, 0.006]}))
+    out_dir = tmp_path / "figures"
+    assert ed.main(["plot", str(runs["diffusion"]), str(runs["mlp"]), "--out-dir", str(out_dir),
+                    "--window", "2"]) == 0
+    for name in ("figure4_training_returns.png", "figure3_diffusion_steps.png"):
+        data = (out_dir / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+    summary = json.loads((out_dir / "plot.json").read_text())["runs"]
+    assert summary[runs["diffusion"].name]["trajectories"] == 2
+    assert summary[runs["diffusion"].name]["lpips"]["8"] == 0.039
+    assert summary[runs["mlp"].name]["eval"]["None"] == pytest.approx(evaluated["mlp"]["results"][0]["mean"])
+
+
+# --- bad input: one line, non-zero exit, no traceback ---------------------------------------------
+def test_eval_bad_input_is_one_line(runs, tmp_path):
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    foreign = tmp_path / "decoder.pt"
+    torch.save({"decoder": torch.zeros(3)}, foreign)
+    cases = [
+        (["returns", str(empty), "--no-cuda"], "no checkpoint"),
+        (["grounding", str(foreign), "--no-cuda"], "not a Valdi checkpoint"),
+        (["frobnicate", str(runs["mlp"])], "invalid choice"),
+        (["returns", str(runs["diffusion"]), "--diffusion-steps", "0", "--no-cuda"], "diffusion steps"),
+        (["plot", str(empty)], "progress.csv"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for argv, fragment in cases:
+        proc = subprocess.run([sys.executable, str(HERE / "eval_diagnostics.py"), *argv],
+                              capture_output=True, text=True, cwd=HERE, env=env, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode != 0, argv
+        assert len(lines) == 1 and fragment in lines[0], (argv, proc.stderr)
+        assert "Traceback" not in proc.stderr + proc.stdout, argv
+
+
+# =============================================================================================
+# decoder.py: post-hoc pixel decoder, LPIPS diversity, diverse futures (random LPIPS trunk)
+# =============================================================================================
+EPISODE_STEPS = 30  # the tiny runs' episode length
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- fixtures: one diffusion and one MLP run, each collected and given a decoder --------------
+@pytest.fixture(scope="module")
+def diffusion_collected(tiny_runs, tmp_path_factory):
+    run = copy_run(tiny_runs["diffusion"], tmp_path_factory.mktemp("decoder_diffusion"))
+    assert decoder.main(["collect", str(run), "--episodes", "2", "--no-cuda"]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def diffusion_trained(diffusion_collected):
+    run = diffusion_collected
+    before = sha256(run / "checkpoint.pt")
+    assert decoder.main(["train", str(run), "--steps", "6", "--batch-size", "4", "--lr", "1e-3",
+                         "--eval-every", "3", "--val-max-frames", "8", "--num-images", "2",
+                         "--no-cuda"]) == 0
+    return run, before
+
+
+@pytest.fixture(scope="module")
+def mlp_trained(tiny_runs, tmp_path_factory):
+    run = copy_run(tiny_runs["mlp"], tmp_path_factory.mktemp("decoder_mlp"))
+    assert decoder.main(["collect", str(run), "--episodes", "2", "--no-cuda"]) == 0
+    assert decoder.main(["train", str(run), "--steps", "1", "--batch-size", "2", "--val-max-frames", "2",
+                         "--num-images", "1", "--no-cuda"]) == 0
+    return run
+
+
+LPIPS_FLAGS = ["--lpips-random-backbone", "--skip-frames", "0", "--no-cuda"]
+
+
+# --- collect ---------------------------------------------------------------------------------
+def test_collect_writes_expected_frames(diffusion_collected):
+    data = decoder.load_dataset(diffusion_collected)
+    n = 2 * (EPISODE_STEPS + 1)  # 2 episodes of 30 env steps, each with its reset frame
+    assert data["rgb"].shape == (n, 96, 96, 3) and data["rgb"].dtype == np.uint8
+    assert data["proprio"].shape == (n, 7) and data["proprio"].dtype == np.float32
+    assert data["episode"].dtype == np.int32 and data["step"].dtype == np.int32
+    assert data["is_val"].dtype == np.bool_
+    for e in (0, 1):
+        rows = data["episode"] == e
+        assert (data["step"][rows] == np.arange(EPISODE_STEPS + 1)).all()
+        assert len(set(data["is_val"][rows])) == 1  # split by whole episodes
+    assert data["is_val"].any() and not data["is_val"].all()
+    assert (data["rgb"][:, valdi.INDICATOR_BAND_START:] == 0).all()  # the env's band is blacked out
+    assert data["rgb"][:, :valdi.INDICATOR_BAND_START].std() > 0  # and the rest is real pictures
+
+
+# --- the decoder -----------------------------------------------------------------------------
+def test_decoder_shape_range_and_parameter_count():
+    torch.manual_seed(0)
+    net = decoder.ViTDecoder(64)
+    assert sum(p.numel() for p in net.parameters()) == 1_750_784  # facts file, "Decoder"
+    assert len(net.blocks) == 3 and all(isinstance(b, valdi.TransformerBlock) for b in net.blocks)
+    assert all(m.bias is None for m in net.modules() if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm)))
+    with torch.no_grad():
+        images = net(3.0 * torch.randn(2, 64))
+    assert images.shape == (2, 3, 96, 96)
+    assert images.min() >= 0.0 and images.max() <= 1.0
+    assert not torch.allclose(images[0], images[1])  # the image depends on the latent
+
+
+def test_train_lowers_validation_loss_and_keeps_encoder_frozen(diffusion_trained):
+    run, checkpoint_hash = diffusion_trained
+    state = torch.load(run / "decoder" / "decoder.pt", weights_only=True)
+    history = state["history"]
+    assert history["step"] == [0, 3, 6]
+    assert history["val_loss"][-1] < history["val_loss"][0]
+    net = decoder.ViTDecoder(64)
+    net.load_state_dict(state["decoder"])  # a complete decoder, nothing else inside
+    assert sha256(run / "checkpoint.pt") == checkpoint_hash  # the run (encoder included) untouched
+    assert (run / "decoder" / "reconstructions.png").stat().st_size > 0
+    assert len((run / "decoder" / "train_log.csv").read_text().strip().splitlines()) == 1 + 3
+
+
+# --- LPIPS and the choice of 4 ---------------------------------------------------------------
+def test_batched_pairwise_lpips_equals_the_package():
+    torch.manual_seed(1)
+    lp = decoder.make_lpips(True, torch.device("cpu"))
+    images = torch.rand(5, 3, 96, 96)
+    images[4] = images[1]  # a duplicate: distance 0
+    distance = decoder.pairwise_lpips(lp, images)
+    i, j = torch.triu_indices(5, 5, offset=1)
+    with torch.no_grad():  # the package's own LPIPS, one batched call over the 10 pairs
+        reference = lp(images[i] * 2 - 1, images[j] * 2 - 1).flatten().double()
+    assert torch.allclose(distance[i, j], reference, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(distance, distance.T) and (distance.diagonal() == 0).all()
+    assert distance[1, 4] < 1e-6 < distance[0, 1]
+
+
+@pytest.mark.parametrize("n, seed", [(4, 0), (5, 1), (9, 2), (12, 3)])
+def test_most_different_four_equals_brute_force(n, seed):
+    rng = np.random.default_rng(seed)
+    d = rng.random((n, n))
+    d = (d + d.T) / 2
+    np.fill_diagonal(d, 0)
+
+    def total(subset):
+        return sum(d[a, b] for a, b in itertools.combinations(subset, 2))
+
+    expected = max(itertools.combinations(range(n), 4), key=total)
+    chosen, score = decoder.most_different_four(d)
+    assert chosen == expected
+    assert score == pytest.approx(total(expected))
+
+
+# --- diversity (Fig. 3 right) ----------------------------------------------------------------
+def read_diversity(run: Path) -> dict:
+    result = json.loads((run / "decoder" / "diversity.json").read_text())
+    assert result["diffusion_steps"] == [1, 2]
+    assert len(result["lpips_mean"]) == len(result["lpips_std"]) == 2
+    assert result["num_starts"] == 2 and result["num_futures"] == 3
+    return result
+
+
+def test_diversity_is_zero_for_the_deterministic_mlp(mlp_trained):
+    assert decoder.main(["diversity", str(mlp_trained), "--num-starts", "2", "--num-futures", "3",
+                         "--diffusion-steps", "1", "2", *LPIPS_FLAGS]) == 0
+    result = read_diversity(mlp_trained)
+    assert result["dynamics"] == "mlp"
+    assert max(result["lpips_mean"]) < 1e-6
+
+
+def test_diversity_is_positive_for_diffusion_with_more_steps(diffusion_trained):
+    run, _ = diffusion_trained
+    assert decoder.main(["diversity", str(run), "--num-starts", "2", "--num-futures", "3",
+                         "--diffusion-steps", "1", "2", *LPIPS_FLAGS]) == 0
+    result = read_diversity(run)
+    assert result["dynamics"] == "diffusion" and not result["comparable_with_paper"]
+    assert result["lpips_mean"][1] > 1e-4  # 2 DDIM steps: the futures differ
+    assert all(s >= 0 for s in result["lpips_std"])
+
+
+# --- futures (Fig. 5) ------------------------------------------------------------------------
+def test_futures_writes_the_grid(diffusion_trained):
+    run, _ = diffusion_trained
+    assert decoder.main(["futures", str(run), "--num-futures", "5", "--diffusion-steps", "8", *LPIPS_FLAGS]) == 0
+    png = run / "decoder" / "futures.png"
+    assert png.stat().st_size > 0
+    import matplotlib.image
+    picture = matplotlib.image.imread(png)
+    assert picture.ndim == 3 and picture.shape[0] > 300 and picture.shape[1] > 400 and picture.std() > 0
+    info = json.loads((run / "decoder" / "futures.json").read_text())
+    assert len(set(info["chosen"])) == 4 and all(0 <= i < 5 for i in info["chosen"])
+    assert info["chosen_lpips_sum"] > 0
+
+
+# --- bad input: one line, non-zero exit, no traceback ---------------------------------------
+@pytest.fixture(scope="module")
+def bad_input_dirs(diffusion_collected, tmp_path_factory):
+    """A folder with no checkpoint, a run not yet collected, and one collected but not trained."""
+    base = tmp_path_factory.mktemp("decoder_bad")
+    empty, bare, collected = base / "empty", base / "bare", base / "collected"
+    empty.mkdir()
+    for d in (bare, collected):
+        d.mkdir()
+        shutil.copy(diffusion_collected / "checkpoint.pt", d / "checkpoint.pt")
+    (collected / "decoder").mkdir()
+    shutil.copy(diffusion_collected / "decoder" / "dataset.npz", collected / "decoder" / "dataset.npz")
+    return {"empty": empty, "bare": bare, "collected": collected}
+
+
+@pytest.mark.parametrize("case, argv, expected", [
+    ("empty", ["collect", "{empty}", "--episodes", "2"], "no checkpoint"),
+    ("bare", ["train", "{bare}"], "no dataset"),
+    ("collected", ["diversity", "{collected}", "--lpips-random-backbone"], "no decoder"),
+    ("collected", ["futures", "{collected}", "--lpips-random-backbone"], "no decoder"),
+    ("collected", ["futures", "{collected}", "--num-futures", "3"], "fewer than the 4"),
+])
+def test_decoder_bad_input_is_one_line(bad_input_dirs, case, argv, expected):
+    argv = [a.format(**{k: str(v) for k, v in bad_input_dirs.items()}) for a in argv]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(HERE / "decoder.py"), *argv, "--no-cuda"], cwd=HERE,
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("decoder.py: error:"), proc.stderr
+    assert expected in lines[0]
+    assert "Traceback" not in proc.stderr + proc.stdout

@@ -101,7 +101,7 @@ class ValdiError(Exception):
     """A problem with the user's input; reported as one line, never as a traceback."""
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse prints the whole usage block on an error; we print the error alone."""
 
     def error(self, message):
@@ -111,7 +111,7 @@ class _OneLineParser(argparse.ArgumentParser):
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     """One --flag per Args field. With suppress_defaults, only flags given on the command line
     appear in the result (used by --resume to know what the user overrides)."""
-    parser = _OneLineParser(
+    parser = OneLineParser(
         prog="valdi.py",
         description="Valdi: Value Diffusion World Models on CarRacing (online training).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -176,9 +176,9 @@ def parse_args(argv: list[str] | None = None) -> Args:
     return args
 
 
-def pick_device(args: Args) -> torch.device:
-    """CUDA when present and allowed, else CPU: the same code runs on both."""
-    if args.cuda and torch.cuda.is_available():
+def pick_device(cuda: bool = True) -> torch.device:
+    """CUDA when present and allowed (--cuda, the default), else CPU: the same code runs on both."""
+    if cuda and torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
         return torch.device("cuda")
     return torch.device("cpu")
@@ -759,9 +759,11 @@ def exploration_std(trajectory: int, args: Args) -> float:
 
 def collect_trajectory(env: gym.Env, model: WorldModel, args: Args, device: torch.device,
                        noise_std: float, track_seed: int, diffusion_steps: int | None = None,
-                       generator: torch.Generator | None = None) -> tuple[dict, dict]:
+                       generator: torch.Generator | None = None, on_plan=None) -> tuple[dict, dict]:
     """Algorithm 1 lines 5-9 with action chunking: plan, execute the first chunk (3 env steps),
-    replan; 200 plans per 600-frame episode. Returns the trajectory and its statistics."""
+    replan; 200 plans per 600-frame episode. Returns the trajectory and its statistics.
+    on_plan(z, actions), if given, sees every plan: the latent (1, D) and the whole planned
+    sequence (1, H, chunk*3) the agent acted on (the value diagnostics of Table 1 need them)."""
     obs, _ = env.reset(seed=track_seed)
     rgb, proprio, actions, rewards = [obs["rgb"]], [obs["proprio"]], [], []
     terminated = truncated = False
@@ -769,10 +771,12 @@ def collect_trajectory(env: gym.Env, model: WorldModel, args: Args, device: torc
     while not (terminated or truncated):
         t0 = time.perf_counter()
         z = encode_observation(model, obs, device)
-        chunk = plan(model, z, args, noise_std, diffusion_steps, generator)[0, 0]
-        chunk = chunk.view(args.action_chunk, ENV_ACTION_DIM).cpu().numpy()  # the one sync per plan
+        planned = plan(model, z, args, noise_std, diffusion_steps, generator)
+        chunk = planned[0, 0].view(args.action_chunk, ENV_ACTION_DIM).cpu().numpy()  # the one sync per plan
         plan_seconds += time.perf_counter() - t0
         plans += 1
+        if on_plan is not None:
+            on_plan(z, planned)
         for action in chunk:
             obs, reward, terminated, truncated, _ = env.step(action)
             rgb.append(obs["rgb"])
@@ -891,7 +895,7 @@ def train(args: Args) -> Path:
     """Algorithm 1: seed trajectories, then alternate one trajectory and N updates. Returns RUN_DIR."""
     from tqdm import tqdm  # imported here so that importing valdi stays light
 
-    device = pick_device(args)
+    device = pick_device(args.cuda)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     model = WorldModel(args).to(device)
