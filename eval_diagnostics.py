@@ -17,7 +17,6 @@ Each subcommand takes run directories made by `python valdi.py` (or their checkp
 prints a table, and writes its numbers to RUN_DIR/eval/<subcommand>.json. Nothing here
 re-implements the agent: networks, encoder, planner (Eq. 10), imagination, checkpoint loading and
 the evaluation loop all come from valdi.py, so what is measured is exactly what was trained.
-(`grounding` keeps the agent's loop in view for one reason: it needs the plans, see section 4.)
 
     python eval_diagnostics.py returns RUN_DIR [RUN_DIR ...] --diffusion-steps 1 2 4 8
     python eval_diagnostics.py consistency VALDI_RUN MLP_RUN
@@ -740,6 +739,15 @@ def read_progress(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
             np.array([float(r["return"]) for r in rows], np.float64))
 
 
+def read_losses(run_dir: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(trajectory index, {loss name: values}) for the trajectories that were followed by updates
+    (the seed trajectories have empty loss cells in progress.csv)."""
+    with open(run_dir / "progress.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("loss_total")]
+    return (np.array([int(r["trajectory"]) for r in rows], np.int64),
+            {name: np.array([float(r[f"loss_{name}"]) for r in rows]) for name in valdi.LOSS_NAMES})
+
+
 def moving_average(x: np.ndarray, window: int) -> np.ndarray:
     """Trailing mean over the last `window` trajectories (over fewer at the start, so the curve
     begins with the first trajectory instead of `window` trajectories in)."""
@@ -801,6 +809,31 @@ def cmd_plot(ns: argparse.Namespace) -> int:
     fig.tight_layout()
     path = out_dir / "figure4_training_returns.png"
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+
+    # --- Training losses: the parts of Eq. 9 per trajectory (mean of its updates) -------------
+    # Not a figure of the paper, but the first thing to look at when returns do not move yet:
+    # a falling dynamics loss and a SIGReg term near its Gaussian floor mean the model learns.
+    fig, axes = plt.subplots(1, len(valdi.LOSS_NAMES), figsize=(3.2 * len(valdi.LOSS_NAMES), 3.4))
+    for i, run_dir in enumerate(run_dirs):
+        trajectories, losses = read_losses(run_dir)
+        for ax, name in zip(axes, valdi.LOSS_NAMES):
+            if len(trajectories):
+                ax.plot(trajectories, losses[name], color=colors[i % len(colors)], alpha=0.3, linewidth=0.7)
+                ax.plot(trajectories, moving_average(losses[name], ns.window), color=colors[i % len(colors)],
+                        linewidth=1.8, label=run_dir.name)
+    for ax, name in zip(axes, valdi.LOSS_NAMES):
+        ax.set_yscale("log")
+        ax.set_title(f"loss: {name}")
+        ax.set_xlabel("training trajectory")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Training losses (Eq. 9 terms, mean of each trajectory's updates); thick: trailing mean of {ns.window}",
+                 fontsize=10)
+    fig.tight_layout()
+    path = out_dir / "training_losses.png"
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(path)
 

@@ -761,7 +761,7 @@ def test_plot_writes_nonempty_pngs(runs, evaluated, tmp_path, capsys):
     out_dir = tmp_path / "figures"
     assert ed.main(["plot", str(runs["diffusion"]), str(runs["mlp"]), "--out-dir", str(out_dir),
                     "--window", "2"]) == 0
-    for name in ("figure4_training_returns.png", "figure3_diffusion_steps.png"):
+    for name in ("figure4_training_returns.png", "figure3_diffusion_steps.png", "training_losses.png"):
         data = (out_dir / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
     summary = json.loads((out_dir / "plot.json").read_text())["runs"]
