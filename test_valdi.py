@@ -392,7 +392,8 @@ def test_cem_finds_the_optimum_of_a_known_objective():
     z = torch.randn(2, 64)
     with torch.inference_mode():
         actions = valdi.plan(model, z, args, generator=torch.Generator().manual_seed(0))
-        best_return = valdi.trajectory_return(model, model.imagine(z, actions), actions, 0.99**3)
+        discounts = 0.99 ** (3 * torch.arange(6.0))
+        best_return = valdi.trajectory_return(model, model.imagine(z, actions), actions, discounts)
     assert actions.shape == (2, 5, 9)
     np.testing.assert_array_equal(torch.sign(actions).numpy(), torch.sign(weights).expand(2, 5, 9).numpy())
     # The supremum (every |a| = 1) is reached by tanh only in the limit; random actions score 0

@@ -691,12 +691,12 @@ def to_device(batch: dict, device: torch.device) -> dict:
 # =============================================================================================
 # 7. CEM planner (Supp. D, Eq. 10)
 # =============================================================================================
-def trajectory_return(model: WorldModel, latents: torch.Tensor, actions: torch.Tensor, gamma_wm: float) -> torch.Tensor:
-    """Eq. 10: sum_{h<H} g^h R(z_h, a_h) + g^H min V(z_H), per world-model step g = gamma^chunk."""
+def trajectory_return(model: WorldModel, latents: torch.Tensor, actions: torch.Tensor,
+                      discounts: torch.Tensor) -> torch.Tensor:
+    """Eq. 10: sum_{h<H} g^h R(z_h, a_h) + g^H min V(z_H), with discounts = (g^0, ..., g^H) and
+    g = gamma^chunk the discount of one world-model step."""
     H = actions.shape[1]
-    discounts = gamma_wm ** torch.arange(H + 1, device=latents.device, dtype=latents.dtype)
-    rewards = model.reward(latents[:, :H], actions)  # (N, H)
-    return rewards @ discounts[:H] + discounts[H] * model.value(latents[:, H])
+    return model.reward(latents[:, :H], actions) @ discounts[:H] + discounts[H] * model.value(latents[:, H])
 
 
 @torch.inference_mode()
@@ -710,19 +710,20 @@ def plan(model: WorldModel, z: torch.Tensor, args: Args, noise_std: float = 0.0,
     B, D = z.shape
     P, K, H, c = args.pop_size, args.num_elites, args.horizon, args.action_chunk
     steps = diffusion_steps or args.diffusion_steps
-    gamma_wm = args.gamma ** c
     shape = (B, P, H * c, ENV_ACTION_DIM)  # 15 env actions per candidate
     # Supp. F: (mu0, sigma0) = (0, 1) at every plan; no warm start from the previous plan.
     mean = torch.zeros(B, 1, H * c, ENV_ACTION_DIM, device=z.device)
     std = torch.ones_like(mean)
-    z_pop = z.unsqueeze(1).expand(B, P, D).reshape(B * P, D)  # the start latent, once per plan
+    # Computed once per plan, not per iteration: the start latent for every candidate, discounts.
+    z_pop = z.unsqueeze(1).expand(B, P, D).reshape(B * P, D)
+    discounts = (args.gamma ** c) ** torch.arange(H + 1, device=z.device, dtype=z.dtype)
     best_score = torch.full((B,), -torch.inf, device=z.device)
     best = torch.zeros(B, H * c, ENV_ACTION_DIM, device=z.device)
     for _ in range(args.cem_iters):
         samples = mean + std * torch.randn(shape, device=z.device, generator=generator)
         actions = torch.tanh(samples).reshape(B * P, H, c * ENV_ACTION_DIM)  # 5 chunks of 9
         latents = model.imagine(z_pop, actions, steps, generator)
-        score = trajectory_return(model, latents, actions, gamma_wm).view(B, P)
+        score = trajectory_return(model, latents, actions, discounts).view(B, P)
         elite_score, elite_idx = score.topk(K, dim=1)  # sorted: column 0 is this iteration's best
         elites = samples.gather(1, elite_idx[:, :, None, None].expand(B, K, H * c, ENV_ACTION_DIM))
         mean = elites.mean(dim=1, keepdim=True)
