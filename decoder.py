@@ -117,21 +117,14 @@ def decode(decoder: ViTDecoder, z: torch.Tensor, batch_size: int = 32) -> torch.
 def save_decoder(path: Path, decoder: ViTDecoder, meta: dict) -> None:
     """Atomic (temporary file, then rename), and only tensors and plain containers inside, so
     that torch.load(weights_only=True) can read it without running any pickled code."""
-    state = {"valdi_decoder": 1, "decoder": decoder.state_dict(), **meta}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    valdi.atomic_torch_save({"valdi_decoder": 1, "decoder": decoder.state_dict(), **meta}, path)
 
 
 def load_decoder(run_dir: str | Path, device: torch.device, latent_dim: int) -> tuple[ViTDecoder, dict]:
     path = decoder_dir(run_dir) / DECODER_NAME
     if not path.is_file():
         raise ValdiError(f"no decoder at {path}; run `python decoder.py train {run_dir}` first")
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValdiError(f"cannot read decoder {path}: {reason[:200]}") from None
+    state = valdi.safe_torch_load(path, "decoder", device)
     if not isinstance(state, dict) or state.get("valdi_decoder") != 1:
         raise ValdiError(f"{path} is not a decoder checkpoint")
     decoder = ViTDecoder(latent_dim).to(device)

@@ -797,6 +797,23 @@ def collect_trajectory(env: gym.Env, model: WorldModel, args: Args, device: torc
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
+def atomic_torch_save(obj, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a crash mid-write keeps the previous file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def safe_torch_load(path: Path, what: str, map_location: str | torch.device = "cpu"):
+    """torch.load with weights_only=True: tensors and plain containers only, so a file from
+    elsewhere cannot run code. Any failure (truncated file, foreign pickle) is one ValdiError."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValdiError(f"cannot read {what} {path}: {reason[:200]}") from None
+
+
 def save_checkpoint(run_dir: Path, model, target, optimizer, args: Args, counters: dict, rng) -> None:
     """Everything needed to continue, written atomically: a crash mid-write keeps the old file."""
     state = {
@@ -809,26 +826,18 @@ def save_checkpoint(run_dir: Path, model, target, optimizer, args: Args, counter
         "rng": {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
-    path = Path(run_dir) / CHECKPOINT_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save(state, Path(run_dir) / CHECKPOINT_NAME)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Read RUN_DIR/checkpoint.pt (or a .pt path) safely: weights_only=True unpickles tensors and
-    plain containers only, so a checkpoint from elsewhere cannot run code. Any problem is one
+    """Read RUN_DIR/checkpoint.pt (or a .pt path) safely (weights_only). Any problem is one
     clear ValdiError."""
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     if not path.is_file():
         raise ValdiError(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated zip, foreign pickle, ... : all mean "unusable file"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValdiError(f"cannot read checkpoint {path}: {reason[:200]}") from None
+    state = safe_torch_load(path, "checkpoint", map_location)
     if not isinstance(state, dict) or state.get("valdi_checkpoint") != 1:
         raise ValdiError(f"{path} is not a Valdi checkpoint")
     return state
