@@ -56,6 +56,13 @@ IMAGE_SIZE = 96  # CarRacing frames are 96 x 96 RGB (Supp. E)
 PAPER_LPIPS = {1: 0.006, 2: 0.025, 4: 0.033, 8: 0.039}
 
 
+def write_json(path: Path, data: dict) -> None:
+    """Atomically, like every file this project writes: an interrupted write keeps the old file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
 def decoder_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / DECODER_DIR
 
@@ -477,9 +484,7 @@ def diversity(opts) -> dict:
         "paper_lpips": {str(k): v for k, v in PAPER_LPIPS.items()},
     }
     path = decoder_dir(opts.run_dir) / "diversity.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
+    write_json(path, result)
 
     print(f"\nmean pairwise LPIPS of decoded final states ({model.kind}, {len(starts)} starts x "
           f"{opts.num_futures} futures, {result['lpips_backbone']} LPIPS)")
@@ -545,9 +550,7 @@ def futures(opts) -> Path:
             "chosen_lpips_sum": score, "mean_pairwise_lpips_all": mean_pairwise(distance),
             "dynamics": model.kind, "lpips_backbone": "random" if opts.lpips_random_backbone else "alexnet",
             "actions": actions[0].cpu().tolist()}
-    tmp = out / "futures.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, out / "futures.json")
+    write_json(out / "futures.json", info)
     if model.kind == "mlp":
         print("note: the MLP dynamics is deterministic, so all futures (and all 4 rows) are the same")
     print(f"futures {list(chosen)} (sum of pairwise LPIPS {score:.4f}) -> {png}")
