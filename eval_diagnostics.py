@@ -194,9 +194,10 @@ def evaluate_returns(run: Run, device: torch.device, track_seeds: list[int], dif
                                                 generator=new_generator(device, seed))
             returns.append(stats["return"])
             lengths.append(stats["length"])
-            # Mean hull speed (proprio[0] is 0.02 |v|, Supp. E): how fast the agent drives, and a
-            # fingerprint of its actions when returns tie (early on every policy scores 1000/N - 0.1 t).
-            speeds.append(float(traj["proprio"][:, 0].mean() / 0.02))
+            # Mean length of the band's speed bar (proprio[0], Supp. E; about 0 to 2): how fast the
+            # agent drives, and a fingerprint of its actions when returns tie (early on every
+            # policy scores 1000/N - 0.1 t).
+            speeds.append(float(traj["proprio"][:, 0].mean()))
             hz.append(stats["planner_hz"])
             if bar is not None:
                 bar.set_postfix(ret=f"{stats['return']:.1f}")
@@ -245,11 +246,11 @@ def cmd_returns(ns: argparse.Namespace) -> int:
             for r in results:
                 rows.append([run.label, run.args.dynamics, r["diffusion_steps"] or "-", len(r["returns"]),
                              fmt(r["mean"], 1), fmt(r["std"], 1), fmt(r["min"], 1), fmt(r["max"], 1),
-                             fmt(float(np.mean(r["mean_speeds"])), 1), fmt(r["planner_hz"], 1)])
+                             fmt(float(np.mean(r["mean_speeds"])), 2), fmt(r["planner_hz"], 1)])
     print(f"\nEvaluation returns on the first {len(seeds)} fixed tracks, {ns.frames} frames, no exploration "
           f"noise (device {device})")
     print(markdown_table(["run", "dynamics", "diffusion steps", "episodes", "mean", "std", "min", "max",
-                          "mean speed", "planner Hz"], rows))
+                          "mean speed bar", "planner Hz"], rows))
     return 0
 
 

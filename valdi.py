@@ -188,11 +188,34 @@ def pick_device(cuda: bool = True) -> torch.device:
 # 2. Environment (Supp. E)
 # =============================================================================================
 # CarRacing draws speed, wheel spin, steering and gyro as bars in the bottom 12 rows of its
-# 96x96 frame. Valdi splits the two modalities: the band is blacked out of the image and the
-# same 7 quantities are read exactly from the simulator, with the band's own scales.
+# 96x96 frame. Valdi splits the two modalities (Supp. E): the band is blacked out of the image
+# and its 7 bars are handed to the agent as numbers instead. The numbers are the bars' lengths
+# read from the band's own pixels before it is blacked out, which is exactly what the paper's
+# agent saw. They are bounded by the band (speed and wheels within about [0, 2], steering about
+# [-1, 1], gyro about [-2.8, 2.8]); the simulator's raw car state would carry the same signal
+# unbounded and 2-4x larger, which inflates the latents and destabilises online training.
 INDICATOR_BAND_START = 84
 PROPRIO_DIM = 7
 ENV_ACTION_DIM = 3  # steer, gas, brake
+RED, GREEN, BLUE = 0, 1, 2
+
+
+def band_readout(frame: np.ndarray) -> np.ndarray:
+    """The 7 bar lengths of CarRacing's indicator band, from a raw (96, 96, 3) uint8 frame.
+
+    Vertical bars grow upwards in one pixel column of rows 84..93: speed (red, column 12) and
+    the four wheels' ABS spin (blue, columns 18, 20, 22, 24). Horizontal bars grow left or right
+    from a centre in row 88: steering (green, right of column 48 minus left of it) and the
+    gyroscope (red, right of column 72 minus left of it). Summing a bar's channel over its
+    pixels and dividing by 255 counts its lit pixels; the divisors put the bars near unit scale."""
+    f = frame.astype(np.float32) / 255.0
+    vertical = f[84:94]  # rows of the vertical bars
+    row = f[88]  # the row of the horizontal bars
+    speed = vertical[:, 12, RED].sum() / 5
+    wheels = vertical[:, 18:26:2, BLUE].sum(axis=0) / 5  # columns 18, 20, 22, 24
+    steering = (row[48:58, GREEN].sum() - row[38:48, GREEN].sum()) / 10
+    gyro = (row[72:86, RED].sum() - row[58:72, RED].sum()) / 5
+    return np.array([speed, *wheels, steering, gyro], dtype=np.float32)
 
 
 class ValdiCarRacing(gym.ObservationWrapper):
@@ -206,17 +229,9 @@ class ValdiCarRacing(gym.ObservationWrapper):
         })
 
     def observation(self, frame: np.ndarray) -> dict:
+        proprio = band_readout(frame)  # read the band before it is blacked out
         rgb = frame.copy()
         rgb[INDICATOR_BAND_START:] = 0
-        car = self.env.unwrapped.car
-        vx, vy = car.hull.linearVelocity
-        proprio = np.array(
-            [0.02 * math.hypot(vx, vy)]  # true speed bar
-            + [0.01 * wheel.omega for wheel in car.wheels]  # 4 ABS/wheel-spin bars
-            + [-10.0 * car.wheels[0].joint.angle,  # steering bar
-               -0.8 * car.hull.angularVelocity],  # gyroscope bar
-            dtype=np.float32,
-        )
         return {"rgb": rgb, "proprio": proprio}
 
 
