@@ -595,11 +595,15 @@ def compute_losses(model: WorldModel, target: WorldModel, batch: dict, args: Arg
                                        + args.value_coef * value_loss)
              + args.sigreg_coef * reg_loss)  # Eq. 9
     parts = {"total": total, "dynamics": dynamics_loss, "reward": reward_loss, "value": value_loss,
-             "sigreg": reg_loss}
+             "sigreg": reg_loss,
+             # Not a loss: the mean norm of z_t, logged because a growing latent scale is the first
+             # sign of the representation drifting (an isotropic Gaussian in 64-d has norm ~8).
+             "latent_norm": z0.detach().norm(dim=-1).mean()}
     return total, parts
 
 
 LOSS_NAMES = ("total", "dynamics", "reward", "value", "sigreg")
+UPDATE_STATS = (*LOSS_NAMES, "latent_norm")  # what update() reports, in this order
 
 
 @torch.no_grad()
@@ -611,7 +615,7 @@ def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
 
 def update(model: WorldModel, target: WorldModel, optimizer: torch.optim.Optimizer, batch: dict,
            args: Args) -> torch.Tensor:
-    """One gradient step (Algorithm 1 lines 19-21). Returns the loss parts as one tensor, left
+    """One gradient step (Algorithm 1 lines 19-21). Returns UPDATE_STATS as one tensor, left
     on the device so the caller syncs once per trajectory rather than once per update."""
     total, parts = compute_losses(model, target, batch, args)
     optimizer.zero_grad(set_to_none=True)
@@ -619,7 +623,7 @@ def update(model: WorldModel, target: WorldModel, optimizer: torch.optim.Optimiz
     nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     optimizer.step()
     ema_update(target, model, args.ema_tau)
-    return torch.stack([parts[name].detach() for name in LOSS_NAMES])
+    return torch.stack([parts[name].detach() for name in UPDATE_STATS])
 
 
 # =============================================================================================
@@ -875,7 +879,7 @@ def load_run(path: str | Path, device: torch.device | str = "cpu", dynamics: str
 
 # --- the loop -----------------------------------------------------------------------------------
 CSV_FIELDS = ["trajectory", "env_steps", "return", "length", "explore_std",
-              *(f"loss_{name}" for name in LOSS_NAMES), "planner_hz", "wall_seconds"]
+              *(f"loss_{name}" for name in LOSS_NAMES), "latent_norm", "planner_hz", "wall_seconds"]
 
 
 class RunLog:
@@ -986,7 +990,7 @@ def train(args: Args) -> Path:
             counters["trajectories"] += 1
             counters["env_steps"] += stats["length"]
 
-            losses = [float("nan")] * len(LOSS_NAMES)
+            losses = [float("nan")] * len(UPDATE_STATS)
             if k >= args.seed_trajectories and buffer.can_sample():  # Algorithm 1 lines 11-22
                 per_update = [update(model, target, optimizer, to_device(buffer.sample(args.batch_size), device), args)
                               for _ in range(args.updates_per_trajectory)]
@@ -994,13 +998,13 @@ def train(args: Args) -> Path:
                 losses = torch.stack(per_update).mean(0).tolist()  # the one sync of the update phase
                 if not all(math.isfinite(x) for x in losses):
                     raise FloatingPointError(
-                        f"non-finite loss after trajectory {k} ({dict(zip(LOSS_NAMES, losses))}); "
+                        f"non-finite loss after trajectory {k} ({dict(zip(UPDATE_STATS, losses))}); "
                         f"stopped, the last good checkpoint in {run_dir} is kept")
 
             returns.append(stats["return"])
             log.write({"trajectory": k, "env_steps": counters["env_steps"], "return": stats["return"],
                        "length": stats["length"], "explore_std": noise_std,
-                       **{f"loss_{n}": v for n, v in zip(LOSS_NAMES, losses)},
+                       **{f"loss_{n}": v for n, v in zip(LOSS_NAMES, losses)}, "latent_norm": losses[-1],
                        "planner_hz": stats["planner_hz"], "wall_seconds": time.time() - wall_start})
             bar.set_postfix(ret=f"{stats['return']:.1f}", mean10=f"{np.mean(returns[-10:]):.1f}",
                             hz=f"{stats['planner_hz']:.1f}")
