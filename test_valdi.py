@@ -470,18 +470,16 @@ def test_exploration_schedule():
 
 
 # ---------------------------------------------------------------------------------------------
-# The online loop through the CLI: files, checkpoint, resume, Ctrl-C, non-finite losses
+# The online loop through the CLI: files, checkpoint, resume
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dynamics", ["diffusion", "mlp"])
-def test_tiny_run_writes_everything_and_resumes(tiny_runs, tmp_path, dynamics):
-    import csv
-    import shutil
-    run_dir = tmp_path / "run"
-    shutil.copytree(tiny_runs[dynamics], run_dir)
-    rows = list(csv.DictReader(open(run_dir / "progress.csv")))
+def test_tiny_run_writes_everything(tiny_runs, dynamics):
+    run_dir = tiny_runs[dynamics]
+    rows = read_rows(run_dir)
     assert [int(r["trajectory"]) for r in rows] == [0, 1]
-    assert set(valdi.CSV_FIELDS) == set(rows[0])
+    assert list(rows[0]) == valdi.CSV_FIELDS
     assert rows[0]["loss_total"] == "" and float(rows[1]["loss_total"]) > 0  # seed trajectory: no updates
+    assert 0 < float(rows[1]["latent_norm"]) < 100
     assert all(int(r["length"]) == 30 and float(r["planner_hz"]) > 0 for r in rows)
     assert sorted(p.name for p in (run_dir / "trajectories").iterdir()) == ["000000.npz", "000001.npz"]
     traj = valdi.load_trajectory(run_dir / "trajectories" / "000001.npz")
@@ -490,83 +488,244 @@ def test_tiny_run_writes_everything_and_resumes(tiny_runs, tmp_path, dynamics):
     assert list(run_dir.glob("events.out.tfevents.*"))
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert state["counters"]["trajectories"] == 2 and state["counters"]["updates"] == 2
-    assert state["args"]["dynamics"] == dynamics
-
-    assert valdi.main(["--resume", str(run_dir), "--total-trajectories", "3"]) == 0
-    rows = list(csv.DictReader(open(run_dir / "progress.csv")))
-    assert [int(r["trajectory"]) for r in rows] == [0, 1, 2]
-    assert (run_dir / "trajectories" / "000002.npz").exists()
-    state2 = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    assert state2["counters"]["trajectories"] == 3 and state2["counters"]["updates"] == 4
-    assert state2["counters"]["env_steps"] == 90
-    assert state2["args"]["pop_size"] == 16  # the saved flags, not the defaults
-    moved = [k for k in state["model"] if not torch.equal(state["model"][k], state2["model"][k])]
-    assert moved  # the resumed run kept training
+    assert state["counters"]["env_steps"] == 60 and state["args"]["dynamics"] == dynamics
 
 
-def test_ctrl_c_writes_a_checkpoint_and_keeps_trajectories(tmp_path):
-    proc = subprocess.Popen([sys.executable, str(HERE / "valdi.py"), *TINY, "--total-trajectories", "500",
-                             "--checkpoint-every", "1000", "--runs-dir", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(tmp_path.glob("*/trajectories/000002.npz")):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+def read_rows(run_dir: Path) -> list[dict]:
+    import csv
+    with open(run_dir / "progress.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# An interrupted run, resumed, is the same run. One process at a time, one torch thread each, so
+# that the arithmetic (and so every bit) is the same in the uninterrupted and the resumed run.
+EXACT = ["--total-trajectories", "6", "--seed-trajectories", "1", "--max-episode-steps", "60",
+         "--pop-size", "16", "--num-elites", "4", "--cem-iters", "2", "--batch-size", "4",
+         "--updates-per-trajectory", "12", "--threads", "1", "--no-cuda"]
+TIMING_COLUMNS = ("planner_hz", "wall_seconds")  # the only columns allowed to differ
+
+
+def start(*argv) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(HERE / "valdi.py"), *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, cwd=HERE)
+
+
+def wait_for(condition, proc, what, timeout=120.0):
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the run ended before {what}: {proc.stderr.read()}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def stat_of(path: Path):
+    try:
+        st = path.stat()
+        return st.st_ino, st.st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
+def fault(proc, run_dir: Path, k: int, when: str, sig: int) -> None:
+    """Send `sig` while trajectory k is being collected ('collect') or during its updates
+    ('update'), then check that the stop happened where it was meant to."""
+    traj_k = lambda: run_dir is not None and (run_dir / "trajectories" / f"{k:06d}.npz").exists()
+    ckpt = run_dir / "checkpoint.pt"
+    if when == "update":
+        wait_for(traj_k, proc, f"trajectory {k} to be saved")  # its updates start right after
+    else:
+        wait_for(lambda: (run_dir / "trajectories" / f"{k - 1:06d}.npz").exists(), proc, f"trajectory {k - 1}")
+        before = stat_of(ckpt)  # the checkpoint counting k - 1 trajectories, rewritten once k - 1 is done
+        wait_for(lambda: stat_of(ckpt) != before, proc, f"the checkpoint after trajectory {k - 1}")
+        time.sleep(0.05)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
-    assert "interrupted: checkpoint written" in err and "Traceback" not in err
-    run_dir = only_run_dir(tmp_path)
+    assert "Traceback" not in err
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == 130 and f"interrupted during trajectory {k}" in err
+    assert valdi.load_checkpoint(run_dir)["counters"]["trajectories"] == k  # k itself was not counted
+    assert traj_k() == (when == "update")
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    files_a = sorted(p.name for p in (a / "trajectories").iterdir())
+    assert files_a == sorted(p.name for p in (b / "trajectories").iterdir())
+    for name in files_a:
+        assert (a / "trajectories" / name).read_bytes() == (b / "trajectories" / name).read_bytes(), name
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in rows]
+    assert strip(read_rows(a)) == strip(read_rows(b))
+    sa, sb = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (a, b))
+    for key in ("model", "target"):
+        assert sa[key].keys() == sb[key].keys()
+        assert all(torch.equal(sa[key][n], sb[key][n]) for n in sa[key]), key
+    oa, ob = sa["optimizer"]["state"], sb["optimizer"]["state"]
+    assert all(torch.equal(oa[i][s], ob[i][s]) for i in oa for s in oa[i])
+    assert {k: v for k, v in sa["counters"].items() if k != "wall_seconds"} == \
+           {k: v for k, v in sb["counters"].items() if k != "wall_seconds"}
+
+
+def test_interrupted_and_resumed_run_is_the_same_run(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        assert valdi.main([*EXACT, "--runs-dir", str(tmp_path / "straight")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    straight = only_run_dir(tmp_path / "straight")
+
+    # One run, stopped four ways in turn and resumed after each: SIGINT during the updates of
+    # trajectory 2, kill -9 during those of 3, SIGTERM while 4 is collected, kill -9 while 5 is.
+    proc = start(*EXACT, "--runs-dir", str(tmp_path / "stopped"))
+    wait_for(lambda: (tmp_path / "stopped").exists() and list((tmp_path / "stopped").iterdir()), proc, "the run dir")
+    run_dir = only_run_dir(tmp_path / "stopped")
+    fault(proc, run_dir, 2, "update", signal.SIGINT)
+    for k, when, sig in [(3, "update", signal.SIGKILL), (4, "collect", signal.SIGTERM), (5, "collect", signal.SIGKILL)]:
+        proc = start("--resume", str(run_dir))
+        fault(proc, run_dir, k, when, sig)
+    result = run_cli("--resume", str(run_dir / "checkpoint.pt"))  # the checkpoint's path works as well
+    assert result.returncode == 0, result.stderr
+
+    assert_same_run(straight, run_dir)
+    # The trajectories whose updates were cut short were set aside, not lost, and redone identically.
+    aside = sorted(p.name for p in (run_dir / "set_aside").iterdir())
+    assert aside == ["000002.npz", "000003.npz"]
+    for name in aside:
+        assert (run_dir / "set_aside" / name).read_bytes() == (straight / "trajectories" / name).read_bytes()
+    assert not list(run_dir.rglob("*.tmp"))
+
+
+def test_non_finite_loss_stops_before_anything_is_saved(tiny_runs, tmp_path, capsys):
+    """A target network that overflows makes the TD targets, and so the loss, non-finite: the run
+    stops before the trajectory counts as done, and the checkpoint on disk is the one before."""
+    run_dir = copy_run(tiny_runs["diffusion"], tmp_path)
     state = valdi.load_checkpoint(run_dir)
-    files = sorted((run_dir / "trajectories").glob("*.npz"))
-    assert len(files) >= 3 and not list((run_dir / "trajectories").glob("*.tmp"))
-    assert state["counters"]["trajectories"] == len(files)
+    state["target"]["value_heads.heads.0.4.bias"].fill_(float("inf"))
+    torch.save(state, run_dir / "checkpoint.pt")
+    saved = (run_dir / "checkpoint.pt").read_bytes()
+    assert valdi.main(["--resume", str(run_dir), "--total-trajectories", "3", "--threads", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss after trajectory 2" in err and "up to trajectory 1" in err
+    assert (run_dir / "checkpoint.pt").read_bytes() == saved
+    assert [int(r["trajectory"]) for r in read_rows(run_dir)] == [0, 1]
+    torch.set_num_threads(2)
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
-    # An absurd learning rate overflows the weights after one step: the next losses are NaN.
-    code = valdi.main([*TINY, "--total-trajectories", "4", "--checkpoint-every", "1", "--lr", "1e20",
-                       "--updates-per-trajectory", "3", "--runs-dir", str(tmp_path)])
-    assert code == 1
-    assert "non-finite loss after trajectory 1" in capsys.readouterr().err
-    state = valdi.load_checkpoint(only_run_dir(tmp_path))
-    assert state["counters"]["trajectories"] == 1 and state["counters"]["updates"] == 0
-    assert all(torch.isfinite(v).all() for v in state["model"].values())
+def test_full_disk_stops_with_the_last_checkpoint_intact(tiny_runs, tmp_path):
+    """Files may not grow past 5 MB (RLIMIT_FSIZE; writes then fail as on a full disk): the
+    trajectory and its row fit, the 86 MB checkpoint does not."""
+    import resource
+    run_dir = copy_run(tiny_runs["mlp"], tmp_path)
+    saved = (run_dir / "checkpoint.pt").read_bytes()
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write (EFBIG) instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (5 * 2**20, 5 * 2**20))
+    result = subprocess.run([sys.executable, str(HERE / "valdi.py"), "--resume", str(run_dir),
+                             "--total-trajectories", "3"], capture_output=True, text=True, cwd=HERE,
+                            timeout=120, preexec_fn=small_files)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"cannot write {run_dir / 'checkpoint.pt'}: File too large" in result.stderr
+    assert (run_dir / "checkpoint.pt").read_bytes() == saved and not list(run_dir.rglob("*.tmp"))
+    # With room again, the run resumes and redoes trajectory 2.
+    assert run_cli("--resume", str(run_dir), "--total-trajectories", "3").returncode == 0
+    assert [int(r["trajectory"]) for r in read_rows(run_dir)] == [0, 1, 2]
 
 
 # ---------------------------------------------------------------------------------------------
-# Bad input: one clear line, non-zero exit, no traceback
+# Bad input: one clear line naming the flag or file, non-zero exit, no traceback, nothing lost
 # ---------------------------------------------------------------------------------------------
+def one_line_error(argv, capsys) -> str:
+    code = valdi.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--num-elites", "600"], "exceeds --pop-size"),
     (["--max-episode-steps", "15"], "shorter than one replay segment"),
     (["--max-episode-steps", "31"], "not a multiple of --action-chunk"),
-    (["--dynamics", "transformer"], "invalid choice"),
-    (["--diffusion-steps", "0"], "--diffusion-steps"),
+    (["--diffusion-steps", "0"], "--diffusion-steps must be at least 1"),
+    (["--diffusion-steps", "1001"], "--diffusion-steps must be at most 1000"),
+    (["--updates-per-trajectory", "0"], "--updates-per-trajectory must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--seed", "-1"], "--seed must be at least 0"),
+    (["--lr", "-1"], "--lr must be in (0, 1]"),
+    (["--lr", "1e39"], "--lr must be in (0, 1]"),
+    (["--lr", "nan"], "--lr must be in (0, 1]"),
+    (["--gamma", "2"], "--gamma must be in (0, 1]"),
+    (["--gamma", "-1"], "--gamma must be in (0, 1]"),
+    (["--ema-tau", "nan"], "--ema-tau must be in [0, 1]"),
+    (["--sigreg-coef", "1.5"], "--sigreg-coef must be in [0, 1]"),
+    (["--explore-std-max", "-0.1"], "--explore-std-max must be non-negative"),
+    (["--explore-std-min", "inf"], "--explore-std-min must be non-negative and finite"),
+    (["--grad-clip", "0"], "--grad-clip must be positive"),
+    (["--reward-coef", "-1"], "--reward-coef must be non-negative"),
+    (["--latent-dim", "300"], "leaves no room"),
+    (["--buffer-size", "100000"], "lower --buffer-size"),
     (["--resume", "/nonexistent/run"], "no checkpoint at"),
 ])
 def test_bad_flags_are_refused_in_one_line(argv, message, capsys):
-    with pytest.raises(SystemExit) as exc:
-        code = valdi.main(argv)
-        raise SystemExit(code)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1
+    assert message in one_line_error(argv, capsys)
 
 
-def test_corrupt_and_other_dynamics_checkpoints(tiny_runs, tmp_path, capsys):
-    import shutil
-    run_dir = tmp_path / "run"
-    shutil.copytree(tiny_runs["diffusion"], run_dir)
-    assert valdi.main(["--resume", str(run_dir), "--dynamics", "mlp"]) == 2
-    assert "was trained with --dynamics diffusion" in capsys.readouterr().err
+def test_replay_memory_estimate_names_both_figures():
+    assert valdi.replay_bytes(valdi.Args()) == pytest.approx(16.6e9, rel=0.01)  # 1000 x 601 frames
+    need = valdi.replay_bytes(valdi.Args(buffer_size=100000))  # capped at the 5000 trajectories
+    with pytest.raises(valdi.ValdiError) as exc:
+        valdi.check_args(valdi.Args(buffer_size=100000))
+    have = valdi.available_memory()
+    assert f"{need / 1e9:.1f} GB" in str(exc.value) and f"{have / 1e9:.1f} GB" in str(exc.value)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dynamics", "mlp"], "--dynamics cannot change on --resume"),
+    (["--horizon", "3"], "--horizon cannot change on --resume"),
+    (["--latent-dim", "32"], "--latent-dim cannot change on --resume"),
+    (["--action-chunk", "2"], "--action-chunk cannot change on --resume"),
+    (["--max-episode-steps", "24"], "--max-episode-steps cannot change on --resume"),
+])
+def test_resume_refuses_shape_changes(tiny_runs, flags, message, capsys):
+    assert message in one_line_error(["--resume", str(tiny_runs["diffusion"]), *flags], capsys)
+
+
+def test_resume_refuses_broken_runs_and_loses_nothing(tiny_runs, tmp_path, capsys):
+    run_dir = copy_run(tiny_runs["diffusion"], tmp_path)
+    ckpt, traj0 = run_dir / "checkpoint.pt", run_dir / "trajectories" / "000000.npz"
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+    good = traj0.read_bytes()
+    traj0.write_bytes(good[:100])  # a corrupt replay file
+    assert f"cannot read {traj0}: BadZipFile" in one_line_error(["--resume", str(run_dir)], capsys)
+    traj0.unlink()  # a deleted one
+    assert f"{traj0} is missing" in one_line_error(["--resume", str(run_dir)], capsys)
+    traj0.write_bytes(good)
+
+    state = valdi.load_checkpoint(run_dir)
+    saved = ckpt.read_bytes()
+    torch.save({k: v for k, v in state.items() if k != "model"}, ckpt)
+    assert "lacks model" in one_line_error(["--resume", str(run_dir)], capsys)
+    state["model"]["encoder.head.1.weight"] = torch.zeros(3, 3)
+    torch.save(state, ckpt)
+    assert "do not fit the model" in one_line_error(["--resume", str(run_dir)], capsys)
+    ckpt.write_bytes(saved[: len(saved) // 2])  # a crash mid-copy
+    assert "cannot read checkpoint" in one_line_error(["--resume", str(run_dir)], capsys)
+    ckpt.write_bytes(os.urandom(4096))
+    err = one_line_error(["--resume", str(run_dir)], capsys)
+    assert "cannot read checkpoint" in err and "weights_only=False" not in err
+    ckpt.write_bytes(saved)
     with pytest.raises(valdi.ValdiError, match="holds a 'diffusion' model"):
         valdi.load_run(run_dir, dynamics="mlp")
-    data = (run_dir / "checkpoint.pt").read_bytes()
-    (run_dir / "checkpoint.pt").write_bytes(data[: len(data) // 2])  # a crash mid-copy
-    result = run_cli("--resume", str(run_dir))
-    assert result.returncode == 2
-    assert "cannot read checkpoint" in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    # Nothing was changed, moved or replaced by any of the refused attempts.
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_unusable_runs_dir_is_one_line(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    for runs_dir in (tmp_path / "a_file", Path("/proc/valdi-runs")):
+        err = one_line_error([*TINY, "--runs-dir", str(runs_dir)], capsys)
+        assert f"cannot create a run directory in --runs-dir {runs_dir}" in err
 
 
 def test_cli_help_lists_every_flag_with_its_default():

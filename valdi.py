@@ -28,12 +28,14 @@ import argparse
 import copy
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
 import signal
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +60,7 @@ class Args:
     dynamics: str = flag("diffusion", "latent dynamics: 'diffusion' (Valdi) or 'mlp' (TD-MPC-like baseline)")
     seed: int = flag(1, "seed of torch, numpy and the training tracks")
     cuda: bool = flag(True, "use CUDA when it is available (--no-cuda forces the CPU)")
+    threads: int = flag(0, "torch CPU threads for the whole process (0: torch's default, one per core)")
     exp_name: str = flag("valdi", "name prefix of the run directory")
     runs_dir: str = flag("runs", "parent folder of run directories")
     resume: str = flag("", "continue the run in this RUN_DIR from its checkpoint.pt")
@@ -93,8 +96,6 @@ class Args:
     explore_std_min: float = flag(0.05, "exploration std after the decay")
     explore_hold: int = flag(250, "trajectories (after seeding) at explore_std_max")
     explore_decay: int = flag(250, "trajectories of linear decay to explore_std_min")
-    # --- bookkeeping ---
-    checkpoint_every: int = flag(10, "write RUN_DIR/checkpoint.pt every this many trajectories")
 
 
 class ValdiError(Exception):
@@ -133,44 +134,94 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
+# Flags that fix the shapes of the networks and of the replay buffer: a resumed run keeps them.
+SHAPE_FLAGS = ("dynamics", "horizon", "action_chunk", "latent_dim", "max_episode_steps")
+
+
 def check_args(args: Args) -> None:
-    """Refuse inconsistent settings before any work starts."""
+    """Refuse bad or inconsistent settings before any work starts, naming the flag. Every check is
+    written as 'not (good)' so that a NaN, which fails every comparison, is refused too."""
+    def name(field: str) -> str:
+        return "--" + field.replace("_", "-")
+
+    at_least = {"total_trajectories": 1, "seed_trajectories": 1, "max_episode_steps": 1,
+                "updates_per_trajectory": 1, "batch_size": 1, "buffer_size": 1, "horizon": 1,
+                "action_chunk": 1, "latent_dim": 1, "pop_size": 1, "num_elites": 1, "cem_iters": 1,
+                "diffusion_steps": 1, "sigreg_slices": 1, "sigreg_points": 2, "seed": 0, "threads": 0,
+                "explore_hold": 0, "explore_decay": 0}
+    for field, low in at_least.items():
+        if not getattr(args, field) >= low:
+            raise ValdiError(f"{name(field)} must be at least {low}, got {getattr(args, field)}")
+    ranges = {  # (low, high, whether low itself is allowed)
+        "gamma": (0.0, 1.0, False), "lr": (0.0, 1.0, False), "ema_tau": (0.0, 1.0, True),
+        "sigreg_coef": (0.0, 1.0, True),  # Eq. 9 weighs the task losses by 1 - lambda_reg
+    }
+    for field, (low, high, closed) in ranges.items():
+        x = getattr(args, field)
+        if not ((low <= x if closed else low < x) and x <= high):
+            raise ValdiError(f"{name(field)} must be in {'[' if closed else '('}{low:g}, {high:g}], got {x}")
+    for field in ("grad_clip", "diffusion_coef", "reward_coef", "value_coef", "explore_std_max", "explore_std_min"):
+        x = getattr(args, field)
+        if not (0 <= x < math.inf) or (field == "grad_clip" and x == 0):
+            raise ValdiError(f"{name(field)} must be {'positive' if field == 'grad_clip' else 'non-negative'} "
+                             f"and finite, got {x}")
     segment = args.action_chunk * (args.horizon + 1)  # env steps spanned by one replay segment
     problems = [
         (args.dynamics not in ("diffusion", "mlp"), f"unknown dynamics {args.dynamics!r} (diffusion or mlp)"),
         (args.num_elites > args.pop_size, f"--num-elites {args.num_elites} exceeds --pop-size {args.pop_size}"),
-        (args.num_elites < 1, "--num-elites must be at least 1"),
         (args.max_episode_steps < segment,
          f"--max-episode-steps {args.max_episode_steps} is shorter than one replay segment "
          f"({segment} env steps = action chunk x (horizon + 1))"),
         (args.max_episode_steps % args.action_chunk != 0,
          f"--max-episode-steps {args.max_episode_steps} is not a multiple of --action-chunk {args.action_chunk}"),
-        (not 1 <= args.diffusion_steps <= DIFFUSION_T, f"--diffusion-steps must be in 1..{DIFFUSION_T}"),
-        (args.seed_trajectories < 1, "--seed-trajectories must be at least 1 (updates need data)"),
-        (args.total_trajectories < 1, "--total-trajectories must be at least 1"),
-        (min(args.batch_size, args.buffer_size, args.cem_iters, args.horizon, args.action_chunk,
-             args.checkpoint_every, args.sigreg_slices) < 1, "sizes and counts must be positive"),
-        (args.sigreg_points < 2, "--sigreg-points must be at least 2"),
+        (args.diffusion_steps > DIFFUSION_T, f"--diffusion-steps must be at most {DIFFUSION_T}"),
         (TOKEN_WIDTH - TAU_EMBED_DIM - ENV_ACTION_DIM * args.action_chunk - args.latent_dim < 1,
          f"--latent-dim {args.latent_dim} leaves no room in the {TOKEN_WIDTH}-wide transformer token"),
     ]
     for bad, message in problems:
         if bad:
             raise ValdiError(message)
+    need, have = replay_bytes(args), available_memory()
+    if have is not None and need > have:
+        raise ValdiError(f"the replay buffer needs {need / 1e9:.1f} GB ({min(args.buffer_size, args.total_trajectories)} "
+                         f"trajectories of {args.max_episode_steps + 1} frames) but {have / 1e9:.1f} GB of memory is "
+                         f"available: lower --buffer-size")
+
+
+def replay_bytes(args: Args) -> int:
+    """Memory the replay buffer fills once it holds min(--buffer-size, --total-trajectories)
+    trajectories: uint8 frames dominate (96 * 96 * 3 bytes each, 16.6 GB at the paper's 1000 x 601)."""
+    frames = args.max_episode_steps + 1
+    per_trajectory = (frames * (96 * 96 * 3 + 4 * PROPRIO_DIM)
+                      + args.max_episode_steps * 4 * (ENV_ACTION_DIM + 1) + 8 + 1)
+    return min(args.buffer_size, args.total_trajectories) * per_trajectory
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the OS can still give us (Linux MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
     """Flags -> Args. With --resume, the run's saved flags are the base and only the flags
-    given on this command line override them (the dynamics must match)."""
+    given on this command line override them; the flags that fix shapes must not change."""
     args = Args(**vars(build_parser().parse_args(argv)))  # handles --help and bad flags
     given = vars(build_parser(suppress_defaults=True).parse_args(argv))
     if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        saved = dict(ckpt["args"])
-        if "dynamics" in given and given["dynamics"] != saved["dynamics"]:
-            raise ValdiError(f"{args.resume} was trained with --dynamics {saved['dynamics']}, "
-                             f"not {given['dynamics']}")
-        saved.update(given)
+        run_dir = resolve_run_dir(args.resume)
+        saved = dict(load_checkpoint(run_dir)["args"])
+        for key in SHAPE_FLAGS:
+            if key in given and key in saved and given[key] != saved[key]:
+                raise ValdiError(f"--{key.replace('_', '-')} cannot change on --resume: {run_dir} was trained "
+                                 f"with {saved[key]}, not {given[key]}")
+        saved.update(given, resume=str(run_dir))
         args = Args(**{f.name: saved.get(f.name, f.default) for f in dataclasses.fields(Args)})
     check_args(args)
     return args
@@ -629,17 +680,35 @@ def update(model: WorldModel, target: WorldModel, optimizer: torch.optim.Optimiz
 # =============================================================================================
 # 6. Replay (Algorithm 1 line 12)
 # =============================================================================================
+TRAJECTORY_KEYS = ("rgb", "proprio", "actions", "rewards", "terminated", "track_seed")
+
+
 def save_trajectory(path: Path, traj: dict) -> None:
-    """One finished trajectory, written once and atomically (temporary file, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, **traj)
-    os.replace(tmp, path)
+    """One finished trajectory as a compressed .npz, written once and atomically. The zip entries
+    carry a fixed date, so the same trajectory always gives the same bytes (a resumed run can be
+    compared with an uninterrupted one file by file)."""
+    def write(f):
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as archive:
+            for key, value in traj.items():
+                entry = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                entry.compress_type = zipfile.ZIP_DEFLATED
+                with archive.open(entry, "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+    atomic_write(path, write)
 
 
-def load_trajectory(path: Path) -> dict:
-    with np.load(path) as data:
-        return {key: data[key] for key in data.files}
+def load_trajectory(path: Path, keys: tuple[str, ...] = ()) -> dict:
+    """An .npz as a dict of arrays (no pickles). A truncated or foreign file, or one without
+    `keys`, is one ValdiError naming it."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            traj = {key: data[key] for key in data.files}
+    except Exception as exc:
+        raise ValdiError(f"cannot read {path}: {type(exc).__name__}: {str(exc)[:120]}") from None
+    missing = [key for key in keys if key not in traj]
+    if missing:
+        raise ValdiError(f"{path} lacks {', '.join(missing)}")
+    return traj
 
 
 class ReplayBuffer:
@@ -812,15 +881,35 @@ def collect_trajectory(env: gym.Env, model: WorldModel, args: Args, device: torc
     return traj, stats
 
 
-# --- checkpoints --------------------------------------------------------------------------------
+# --- files: every write is atomic -----------------------------------------------------------
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash mid-write keeps the previous file."""
+def atomic_write(path: Path, write) -> None:
+    """write(f) into a temporary file beside `path`, flush it to disk, then rename it over `path`.
+    A crash, a kill or a full disk at any moment leaves either the old file or the new one, never
+    half of one, and no temporary file behind (a kill -9 can leave one; resume removes it)."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise ValdiError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """torch.save through memory, so that a failing disk shows its own error (a full disk says
+    "No space left on device") rather than the serializer's."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def safe_torch_load(path: Path, what: str, map_location: str | torch.device = "cpu"):
@@ -829,23 +918,19 @@ def safe_torch_load(path: Path, what: str, map_location: str | torch.device = "c
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValdiError(f"cannot read {what} {path}: {reason[:200]}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in first or "Weights only" in first:
+            first = "not a checkpoint of plain tensors (corrupt, or a pickle from elsewhere)"
+        raise ValdiError(f"cannot read {what} {path}: {first[:160]}") from None
 
 
-def save_checkpoint(run_dir: Path, model, target, optimizer, args: Args, counters: dict, rng) -> None:
-    """Everything needed to continue, written atomically: a crash mid-write keeps the old file."""
-    state = {
-        "valdi_checkpoint": 1,
-        "args": dataclasses.asdict(args),
-        "model": model.state_dict(),
-        "target": target.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "counters": dict(counters),
-        "rng": {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-    }
-    atomic_torch_save(state, Path(run_dir) / CHECKPOINT_NAME)
+CHECKPOINT_KEYS = ("args", "model", "target", "optimizer", "counters", "rng")
+
+
+def resolve_run_dir(path: str | Path) -> Path:
+    """--resume takes RUN_DIR or RUN_DIR/checkpoint.pt."""
+    path = Path(path)
+    return path.parent if path.name == CHECKPOINT_NAME and path.is_file() else path
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -859,55 +944,75 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     state = safe_torch_load(path, "checkpoint", map_location)
     if not isinstance(state, dict) or state.get("valdi_checkpoint") != 1:
         raise ValdiError(f"{path} is not a Valdi checkpoint")
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise ValdiError(f"{path} is not a complete Valdi checkpoint (it lacks {', '.join(missing)})")
     return state
+
+
+def args_from_checkpoint(state: dict) -> Args:
+    return Args(**{f.name: state["args"].get(f.name, f.default) for f in dataclasses.fields(Args)})
+
+
+def load_weights(module: nn.Module, weights: dict, path) -> None:
+    try:
+        module.load_state_dict(weights)
+    except (RuntimeError, KeyError, TypeError, ValueError):
+        raise ValdiError(f"{path}: its weights do not fit the model its flags describe") from None
 
 
 def load_run(path: str | Path, device: torch.device | str = "cpu", dynamics: str | None = None):
     """Load a run's checkpoint for evaluation: returns (args, model). With `dynamics`, refuse a
     checkpoint of the other kind."""
     state = load_checkpoint(path, map_location=device)
-    args = Args(**{f.name: state["args"].get(f.name, f.default) for f in dataclasses.fields(Args)})
+    args = args_from_checkpoint(state)
     if dynamics is not None and args.dynamics != dynamics:
         raise ValdiError(f"{path} holds a '{args.dynamics}' model, not '{dynamics}'")
     model = WorldModel(args).to(device)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError:
-        raise ValdiError(f"{path}: its weights do not fit the model its flags describe") from None
+    load_weights(model, state["model"], path)
     return args, model.eval()
 
 
-# --- the loop -----------------------------------------------------------------------------------
+# --- the run: everything training needs, fresh or resumed ----------------------------------------
 CSV_FIELDS = ["trajectory", "env_steps", "return", "length", "explore_std",
               *(f"loss_{name}" for name in LOSS_NAMES), "latent_norm", "planner_hz", "wall_seconds"]
 
 
-class RunLog:
-    """RUN_DIR/progress.csv, one row per trajectory (appended and flushed at once, so a crash
-    loses nothing written), and the same scalars in TensorBoard in RUN_DIR."""
+@dataclass
+class Run:
+    """The state of one training run. Its checkpoint, written after every trajectory's updates,
+    holds all of it except the replay buffer, which is rebuilt from the trajectory files; so a
+    run stopped at any moment and resumed is the same run (see resume_run)."""
+    args: Args
+    dir: Path
+    device: torch.device
+    model: WorldModel
+    target: WorldModel
+    optimizer: torch.optim.Optimizer
+    buffer: ReplayBuffer
+    rng: np.random.Generator
+    counters: dict
+    rows: list  # progress.csv rows so far, as written
+    env: gym.Env
+    wall_start: float = 0.0
 
-    def __init__(self, run_dir: Path):
-        from torch.utils.tensorboard import SummaryWriter
-        path = run_dir / "progress.csv"
-        is_new = not path.exists()
-        self.file = open(path, "a", newline="")
-        self.csv = csv.DictWriter(self.file, fieldnames=CSV_FIELDS)  # missing values stay empty
-        if is_new:
-            self.csv.writeheader()
-        self.tensorboard = SummaryWriter(str(run_dir))
+    def trajectory_path(self, k: int) -> Path:
+        return self.dir / "trajectories" / f"{k:06d}.npz"
 
-    def write(self, row: dict) -> None:
-        row = {key: v for key, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
-        self.csv.writerow(row)
-        self.file.flush()
-        for key, value in row.items():
-            if key != "trajectory":
-                tag = f"losses/{key[5:]}" if key.startswith("loss_") else f"charts/{key}"
-                self.tensorboard.add_scalar(tag, value, row["trajectory"])
 
-    def close(self) -> None:
-        self.tensorboard.close()
-        self.file.close()
+def new_run(args: Args, device: torch.device, run_dir: Path | None = None) -> Run:
+    """Fresh networks (Algorithm 1 line 1: the target starts as a copy of the online network),
+    Adam (Table 3), an empty buffer, and one numpy generator for the tracks and replay sampling."""
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    model = WorldModel(args).to(device)
+    target = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
+    buffer = ReplayBuffer(min(args.buffer_size, args.total_trajectories), args.max_episode_steps,
+                          args.horizon, args.action_chunk, rng)
+    counters = {"trajectories": 0, "env_steps": 0, "updates": 0, "wall_seconds": 0.0}
+    return Run(args, run_dir or new_run_dir(args), device, model, target, optimizer, buffer, rng, counters,
+               rows=[], env=make_env(args))
 
 
 def new_run_dir(args: Args) -> Path:
@@ -917,112 +1022,226 @@ def new_run_dir(args: Args) -> Path:
     while run_dir.exists():
         n += 1
         run_dir = base.with_name(f"{base.name}_{n}")
+    try:
+        (run_dir / "trajectories").mkdir(parents=True)
+    except OSError as exc:
+        raise ValdiError(f"cannot create a run directory in --runs-dir {args.runs_dir}: "
+                         f"{exc.strerror or exc}") from None
     return run_dir
+
+
+def save_checkpoint(run: Run) -> None:
+    """Everything needed to continue, RNG states included, written atomically."""
+    state = {
+        "valdi_checkpoint": 1,
+        "args": dataclasses.asdict(run.args),
+        "model": run.model.state_dict(),
+        "target": run.target.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "counters": dict(run.counters),
+        "rng": {"numpy": run.rng.bit_generator.state, "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    }
+    atomic_torch_save(state, run.dir / CHECKPOINT_NAME)
+
+
+def resume_run(args: Args, device: torch.device) -> Run:
+    """The run in --resume as its last checkpoint left it. The checkpoint is written after each
+    trajectory's updates, so anything newer (a trajectory whose updates a kill cut short, its
+    CSV row) is set aside and done again: with the RNG states restored, the redone trajectory
+    is the same, byte for byte, and the run goes on exactly as if it had never stopped."""
+    run_dir = Path(args.resume)
+    state = load_checkpoint(run_dir)  # on the CPU: RNG states must stay there; weights get copied
+    run = new_run(args, device, run_dir)
+    for module, key in ((run.model, "model"), (run.target, "target"), (run.optimizer, "optimizer")):
+        load_weights(module, state[key], run_dir / CHECKPOINT_NAME)
+    for group in run.optimizer.param_groups:  # a learning rate given with --resume wins
+        group["lr"] = args.lr
+    run.counters.update(state["counters"])
+    done = int(run.counters["trajectories"])
+    for stale in [*run_dir.glob("*.tmp"), *(run_dir / "trajectories").glob("*.tmp")]:
+        stale.unlink()  # a kill -9 mid-write leaves these; the file they were replacing is intact
+    set_aside_newer_trajectories(run_dir, done)
+
+    buffer = run.buffer
+    first = max(0, done - buffer.capacity)
+    buffer.added = first  # trajectory k goes to ring slot k % capacity, as it did before the stop
+    for k in range(first, done):
+        path = run_dir / "trajectories" / f"{k:06d}.npz"
+        if not path.is_file():
+            raise ValdiError(f"{path} is missing: the replay buffer needs it to resume (restore it from a backup)")
+        traj = load_trajectory(path, TRAJECTORY_KEYS)
+        n = len(traj["actions"])
+        if n > args.max_episode_steps or traj["rgb"].shape != (n + 1, 96, 96, 3) or traj["proprio"].shape != (n + 1, PROPRIO_DIM):
+            raise ValdiError(f"{path} does not hold a trajectory of at most {args.max_episode_steps} steps")
+        buffer.add(traj)
+
+    run.rng.bit_generator.state = state["rng"]["numpy"]
+    torch.set_rng_state(state["rng"]["torch"])
+    if device.type == "cuda" and state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    run.rows = read_progress_rows(run_dir / "progress.csv", done)
+    print(f"resumed {run_dir} after trajectory {done - 1} ({run.counters['updates']} updates)", file=sys.stderr)
+    return run
+
+
+def set_aside_newer_trajectories(run_dir: Path, done: int) -> None:
+    """Trajectory files the checkpoint does not count go to RUN_DIR/set_aside/ (never deleted,
+    never overwritten); the resumed run collects them again."""
+    newer = [p for p in sorted((run_dir / "trajectories").glob("*.npz"))
+             if not p.stem.isdigit() or int(p.stem) >= done]
+    if newer:
+        aside = run_dir / "set_aside"
+        aside.mkdir(exist_ok=True)
+        for p in newer:
+            dest, n = aside / p.name, 1
+            while dest.exists():
+                n += 1
+                dest = aside / f"{p.stem}_{n}{p.suffix}"
+            os.replace(p, dest)
+        print(f"set aside {len(newer)} trajectory file(s) newer than the checkpoint in {aside}", file=sys.stderr)
+
+
+def read_progress_rows(path: Path, done: int) -> list[dict]:
+    """progress.csv rows of the trajectories the checkpoint counts (0..done-1), in order. A row
+    written after the checkpoint, or a line cut by a kill, is dropped with what it described."""
+    rows = {}
+    if path.exists():
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                try:
+                    k = int(row["trajectory"])
+                except (TypeError, ValueError):
+                    continue
+                if 0 <= k < done and k not in rows and None not in row.values():
+                    rows[k] = {key: row.get(key, "") for key in CSV_FIELDS}
+    if len(rows) != done:
+        print(f"note: {path} has rows for {len(rows)} of the {done} trajectories the checkpoint counts",
+              file=sys.stderr)
+    return [rows[k] for k in sorted(rows)]
+
+
+class RunLog:
+    """RUN_DIR/progress.csv, one row per trajectory, appended and flushed before the checkpoint
+    that counts it; and the same scalars in TensorBoard in RUN_DIR. On resume the CSV is
+    rewritten with the rows the checkpoint counts, and TensorBoard drops later steps."""
+
+    def __init__(self, run: Run):
+        from torch.utils.tensorboard import SummaryWriter
+        path = run.dir / "progress.csv"
+        atomic_write(path, lambda f: f.write(csv_text(run.rows, header=True).encode()))
+        self.file = open(path, "a", newline="")
+        self.tensorboard = SummaryWriter(str(run.dir), purge_step=run.counters["trajectories"] or None)
+
+    def write(self, row: dict) -> None:
+        try:
+            self.file.write(csv_text([row]))
+            self.file.flush()
+        except OSError as exc:
+            raise ValdiError(f"cannot write {self.file.name}: {exc.strerror}") from None
+        for key, value in row.items():
+            if key != "trajectory" and value != "":
+                tag = f"losses/{key[5:]}" if key.startswith("loss_") else f"charts/{key}"
+                self.tensorboard.add_scalar(tag, value, row["trajectory"])
+
+    def close(self) -> None:
+        self.tensorboard.close()
+        self.file.close()
+
+
+def csv_text(rows: list[dict], header: bool = False) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+# --- the loop -----------------------------------------------------------------------------------
+def collect_and_learn(run: Run, log: RunLog) -> None:
+    """One pass of Algorithm 1's outer loop: collect a trajectory (lines 4-9), then the updates
+    (lines 10-22), then log and checkpoint. Nothing reaches the disk as 'done' before the check
+    that the losses and weights are finite."""
+    args, k = run.args, run.counters["trajectories"]
+    noise_std = exploration_std(k, args)
+    track_seed = int(run.rng.integers(2**31 - 1))
+    traj, stats = collect_trajectory(run.env, run.model, args, run.device, noise_std, track_seed)
+    save_trajectory(run.trajectory_path(k), traj)
+    run.buffer.add(traj)
+
+    learned = [math.nan] * len(UPDATE_STATS)
+    if k >= args.seed_trajectories and run.buffer.can_sample():  # Algorithm 1 lines 11-22
+        per_update = [update(run.model, run.target, run.optimizer,
+                             to_device(run.buffer.sample(args.batch_size), run.device), args)
+                      for _ in range(args.updates_per_trajectory)]
+        learned = torch.stack(per_update).mean(0).tolist()  # the one sync of the update phase
+        run.counters["updates"] += len(per_update)
+        losses_ok = all(math.isfinite(x) for x in learned)
+        weights_ok = all(torch.isfinite(p).all() for p in (*run.model.parameters(), *run.target.parameters()))
+        if not (losses_ok and weights_ok):
+            raise FloatingPointError(
+                f"non-finite {'weights' if losses_ok else 'loss'} after trajectory {k} "
+                f"({', '.join(f'{n} {v:.4g}' for n, v in zip(UPDATE_STATS, learned))}); stopped before saving "
+                f"them: {run.dir / CHECKPOINT_NAME} holds the run up to trajectory {k - 1}")
+
+    run.counters["trajectories"] += 1
+    run.counters["env_steps"] += stats["length"]
+    run.counters["wall_seconds"] = time.time() - run.wall_start
+    row = {"trajectory": k, "env_steps": run.counters["env_steps"], "return": stats["return"],
+           "length": stats["length"], "explore_std": noise_std,
+           **{f"loss_{n}": v for n, v in zip(LOSS_NAMES, learned)}, "latent_norm": learned[-1],
+           "planner_hz": stats["planner_hz"], "wall_seconds": run.counters["wall_seconds"]}
+    row = {key: ("" if isinstance(v, float) and math.isnan(v) else v) for key, v in row.items()}
+    log.write(row)
+    run.rows.append(row)
+    save_checkpoint(run)  # from here on trajectory k is done
 
 
 def train(args: Args) -> Path:
     """Algorithm 1: seed trajectories, then alternate one trajectory and N updates. Returns RUN_DIR."""
     from tqdm import tqdm  # imported here so that importing valdi stays light
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = pick_device(args.cuda)
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    model = WorldModel(args).to(device)
-    target = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
-    env = make_env(args)
-    buffer = ReplayBuffer(min(args.buffer_size, args.total_trajectories), args.max_episode_steps,
-                          args.horizon, args.action_chunk, rng)
-    counters = {"trajectories": 0, "env_steps": 0, "updates": 0, "wall_seconds": 0.0}
-
-    if args.resume:
-        run_dir = Path(args.resume)
-        state = load_checkpoint(run_dir)  # on the CPU: RNG states must stay there; weights get copied
-        model.load_state_dict(state["model"])
-        target.load_state_dict(state["target"])
-        optimizer.load_state_dict(state["optimizer"])
-        counters.update(state["counters"])
-        rng.bit_generator.state = state["rng"]["numpy"]
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        # Trajectories finished after the checkpoint are kept and counted: no data is thrown away.
-        files = sorted((run_dir / "trajectories").glob("*.npz"))
-        for index, path in enumerate(files[-buffer.capacity:], start=max(0, len(files) - buffer.capacity)):
-            traj = load_trajectory(path)
-            buffer.add(traj)
-            if index >= counters["trajectories"]:
-                counters["env_steps"] += len(traj["actions"])
-        counters["trajectories"] = len(files)
-        print(f"resumed {run_dir}: {len(files)} trajectories on disk, {counters['updates']} updates done")
-    else:
-        run_dir = new_run_dir(args)
-    (run_dir / "trajectories").mkdir(parents=True, exist_ok=True)
-    (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-
-    n_params = count_parameters(model)
+    run = resume_run(args, device) if args.resume else new_run(args, device)
+    atomic_write(run.dir / "args.json", lambda f: f.write(json.dumps(dataclasses.asdict(args), indent=2).encode()))
+    if not args.resume:
+        save_checkpoint(run)  # resumable from the first moment: a kill before trajectory 0 loses nothing
+    n_params = count_parameters(run.model)
     print(f"device {device} | dynamics {args.dynamics} | trainable parameters {n_params['total']:,} "
           + " ".join(f"({k} {v:,})" for k, v in n_params.items() if k != "total"))
-    print(f"run directory {run_dir}")
+    print(f"run directory {run.dir}")
 
-    log = RunLog(run_dir)
-    returns: list[float] = []
-    bar = tqdm(total=args.total_trajectories, initial=counters["trajectories"], unit="traj",
+    log = RunLog(run)
+    bar = tqdm(total=args.total_trajectories, initial=run.counters["trajectories"], unit="traj",
                desc="trajectory", dynamic_ncols=True)
-    wall_start = time.time() - counters["wall_seconds"]
-
-    def checkpoint():
-        counters["wall_seconds"] = time.time() - wall_start
-        save_checkpoint(run_dir, model, target, optimizer, args, counters, rng)
-
-    def interrupt(signum, frame):  # a scheduler's SIGTERM is handled like Ctrl-C
-        raise KeyboardInterrupt
+    run.wall_start = time.time() - run.counters["wall_seconds"]
     previous_sigterm = signal.signal(signal.SIGTERM, interrupt)
-
     try:
-        while counters["trajectories"] < args.total_trajectories:
-            k = counters["trajectories"]
-            noise_std = exploration_std(k, args)
-            track_seed = int(rng.integers(2**31 - 1))
-            traj, stats = collect_trajectory(env, model, args, device, noise_std, track_seed)
-            save_trajectory(run_dir / "trajectories" / f"{k:06d}.npz", traj)
-            buffer.add(traj)
-            counters["trajectories"] += 1
-            counters["env_steps"] += stats["length"]
-
-            losses = [float("nan")] * len(UPDATE_STATS)
-            if k >= args.seed_trajectories and buffer.can_sample():  # Algorithm 1 lines 11-22
-                per_update = [update(model, target, optimizer, to_device(buffer.sample(args.batch_size), device), args)
-                              for _ in range(args.updates_per_trajectory)]
-                counters["updates"] += len(per_update)
-                losses = torch.stack(per_update).mean(0).tolist()  # the one sync of the update phase
-                if not all(math.isfinite(x) for x in losses):
-                    raise FloatingPointError(
-                        f"non-finite loss after trajectory {k} ({dict(zip(UPDATE_STATS, losses))}); "
-                        f"stopped, the last good checkpoint in {run_dir} is kept")
-
-            returns.append(stats["return"])
-            log.write({"trajectory": k, "env_steps": counters["env_steps"], "return": stats["return"],
-                       "length": stats["length"], "explore_std": noise_std,
-                       **{f"loss_{n}": v for n, v in zip(LOSS_NAMES, losses)}, "latent_norm": losses[-1],
-                       "planner_hz": stats["planner_hz"], "wall_seconds": time.time() - wall_start})
-            bar.set_postfix(ret=f"{stats['return']:.1f}", mean10=f"{np.mean(returns[-10:]):.1f}",
-                            hz=f"{stats['planner_hz']:.1f}")
+        while run.counters["trajectories"] < args.total_trajectories:
+            collect_and_learn(run, log)
+            last = run.rows[-1]
+            bar.set_postfix(ret=f"{last['return']:.1f}", hz=f"{last['planner_hz']:.1f}")
             bar.update(1)
-            if counters["trajectories"] % args.checkpoint_every == 0 or counters["trajectories"] == args.total_trajectories:
-                checkpoint()
     except KeyboardInterrupt:
         bar.close()
-        checkpoint()
-        print(f"\ninterrupted: checkpoint written to {run_dir / CHECKPOINT_NAME}; "
-              f"continue with: python valdi.py --resume {run_dir}", file=sys.stderr)
+        k = run.counters["trajectories"]
+        print(f"\ninterrupted during trajectory {k}: {run.dir / CHECKPOINT_NAME} holds the run up to "
+              f"trajectory {k - 1}; continue with: python valdi.py --resume {run.dir}", file=sys.stderr)
         raise SystemExit(130)
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
         bar.close()
         log.close()
-        env.close()
-    return run_dir
+        run.env.close()
+    return run.dir
+
+
+def interrupt(signum, frame):
+    """A scheduler's SIGTERM is handled like Ctrl-C."""
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1035,6 +1254,9 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as exc:
         print(f"valdi.py: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before the loop started: nothing of the run is lost
+        print("valdi.py: interrupted", file=sys.stderr)
+        return 130
     print(f"done: {run_dir}")
     return 0
 
