@@ -30,9 +30,6 @@ no work.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -54,13 +51,6 @@ IMAGE_SIZE = 96  # CarRacing frames are 96 x 96 RGB (Supp. E)
 # (facts file, "Figure 3"). Printed next to our numbers; comparable only with the pretrained
 # AlexNet LPIPS and a fully trained agent.
 PAPER_LPIPS = {1: 0.006, 2: 0.025, 4: 0.033, 8: 0.039}
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Atomically, like every file this project writes: an interrupted write keeps the old file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def decoder_dir(run_dir: str | Path) -> Path:
@@ -135,10 +125,7 @@ def load_decoder(run_dir: str | Path, device: torch.device, latent_dim: int) -> 
     if not isinstance(state, dict) or state.get("valdi_decoder") != 1:
         raise ValdiError(f"{path} is not a decoder checkpoint")
     decoder = ViTDecoder(latent_dim).to(device)
-    try:
-        decoder.load_state_dict(state["decoder"])
-    except RuntimeError:
-        raise ValdiError(f"{path} does not fit this run's latent size {latent_dim}") from None
+    valdi.load_weights(decoder, state["decoder"], path)
     return decoder.eval(), state
 
 
@@ -149,21 +136,19 @@ def load_decoder(run_dir: str | Path, device: torch.device, latent_dim: int) -> 
 DATASET_KEYS = ("rgb", "proprio", "episode", "step", "is_val")
 
 
-def load_dataset(run_dir: str | Path) -> dict:
-    """RUN_DIR/decoder/dataset.npz as a dict of arrays (also read by eval_diagnostics.py):
-    rgb (N, 96, 96, 3) uint8, proprio (N, 7) float32, episode (N,) int32, step (N,) int32 (env
-    step of the frame in its episode, 0 = after reset), is_val (N,) bool (whole episodes)."""
-    path = decoder_dir(run_dir) / DATASET_NAME
+def dataset_path(run_dir: str | Path) -> Path:
+    return decoder_dir(run_dir) / DATASET_NAME
+
+
+def load_dataset(run_dir: str | Path, path: Path | None = None) -> dict:
+    """RUN_DIR/decoder/dataset.npz (or `path`) as a dict of arrays (also read by
+    eval_diagnostics.py for Table 1): rgb (N, 96, 96, 3) uint8, proprio (N, 7) float32, episode
+    (N,) int32, step (N,) int32 (env step of the frame in its episode, 0 = after reset), is_val
+    (N,) bool (whole episodes)."""
+    path = Path(path) if path is not None else dataset_path(run_dir)
     if not path.is_file():
-        raise ValdiError(f"no dataset at {path}; run `python decoder.py collect {run_dir}` first")
-    try:
-        data = valdi.load_trajectory(path)  # the same plain-npz reader as the replay files
-    except Exception as exc:
-        raise ValdiError(f"cannot read dataset {path}: {str(exc)[:200]}") from None
-    missing = [key for key in DATASET_KEYS if key not in data]
-    if missing:
-        raise ValdiError(f"{path} lacks {', '.join(missing)}; collect it again")
-    return data
+        raise ValdiError(f"no on-policy dataset at {path}; make one with `python decoder.py collect {run_dir}`")
+    return valdi.load_trajectory(path, DATASET_KEYS)  # the same plain-npz reader as the replay files
 
 
 def collect(opts) -> Path:
@@ -210,7 +195,7 @@ def collect(opts) -> Path:
     data = {key: np.concatenate(value) for key, value in parts.items()}
     data["track_seeds"] = track_seeds.astype(np.int64)  # per episode
     data["returns"] = np.asarray(returns, np.float32)  # per episode
-    path = out / DATASET_NAME
+    path = dataset_path(opts.run_dir)
     valdi.save_trajectory(path, data)  # compressed npz, temporary file + os.replace
     print(f"{len(data['rgb'])} frames from {opts.episodes} episodes ({n_val} for validation), "
           f"mean return {np.mean(returns):.1f} -> {path}")
@@ -283,10 +268,8 @@ def train(opts) -> Path:
         val = validation_loss()
         for key, value in zip(history, (step, train_loss, val)):
             history[key].append(value)
-        with open(log_path, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(history.keys())
-            writer.writerows(zip(*history.values()))
+        lines = [",".join(history)] + [",".join(map(str, row)) for row in zip(*history.values())]
+        valdi.atomic_write(log_path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
         save_decoder(out / DECODER_NAME, decoder, {
             "latent_dim": args.latent_dim, "steps": step, "val_loss": val, "history": history,
             "train_frames": int(len(train_idx)), "val_frames": int(len(val_idx))})
@@ -484,7 +467,7 @@ def diversity(opts) -> dict:
         "paper_lpips": {str(k): v for k, v in PAPER_LPIPS.items()},
     }
     path = decoder_dir(opts.run_dir) / "diversity.json"
-    write_json(path, result)
+    valdi.write_json(path, result)
 
     print(f"\nmean pairwise LPIPS of decoded final states ({model.kind}, {len(starts)} starts x "
           f"{opts.num_futures} futures, {result['lpips_backbone']} LPIPS)")
@@ -550,7 +533,7 @@ def futures(opts) -> Path:
             "chosen_lpips_sum": score, "mean_pairwise_lpips_all": mean_pairwise(distance),
             "dynamics": model.kind, "lpips_backbone": "random" if opts.lpips_random_backbone else "alexnet",
             "actions": actions[0].cpu().tolist()}
-    write_json(out / "futures.json", info)
+    valdi.write_json(out / "futures.json", info)
     if model.kind == "mlp":
         print("note: the MLP dynamics is deterministic, so all futures (and all 4 rows) are the same")
     print(f"futures {list(chosen)} (sum of pairwise LPIPS {score:.4f}) -> {png}")
@@ -588,10 +571,8 @@ def save_grid(path: Path, rows: list, row_labels: list[str], col_titles: list[st
                 ax.set_ylabel(row_labels[r], fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    valdi.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # =============================================================================================

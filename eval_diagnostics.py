@@ -35,7 +35,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -46,6 +45,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import decoder
 import valdi
 
 PROG = "eval_diagnostics.py"
@@ -114,12 +114,14 @@ def new_generator(device: torch.device, seed: int) -> torch.Generator:
 
 
 def summarize(values) -> dict:
-    """mean, std, min, max of a list of numbers. std is the population std (ddof 0) throughout
-    this file: it describes the sample we measured rather than estimating a larger one."""
+    """mean, std, its standard error, min, max of a list of numbers. std is the population std
+    (ddof 0): it describes the sample we measured. The standard error of the mean uses the
+    sample std (ddof 1), std_1 / sqrt(n): the uncertainty of the mean as an estimate."""
     x = np.asarray(values, dtype=np.float64)
     if x.size == 0:
-        return {"mean": None, "std": None, "min": None, "max": None}
-    return {"mean": float(x.mean()), "std": float(x.std()), "min": float(x.min()), "max": float(x.max())}
+        return {"mean": None, "std": None, "sem": None, "min": None, "max": None}
+    sem = float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else None
+    return {"mean": float(x.mean()), "std": float(x.std()), "sem": sem, "min": float(x.min()), "max": float(x.max())}
 
 
 def fmt(x, digits: int = 2) -> str:
@@ -135,19 +137,9 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
                      + [line(row) for row in cells[1:]])
 
 
-def _jsonable(obj):
-    """NaN and infinity are not JSON: they become null."""
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
+def planner_settings(args: valdi.Args) -> dict:
+    """The planner an evaluation used, recorded with its numbers."""
+    return {k: getattr(args, k) for k in ("pop_size", "num_elites", "cem_iters", "horizon")}
 
 
 def read_json(path: Path) -> dict:
@@ -156,15 +148,6 @@ def read_json(path: Path) -> dict:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise valdi.ValdiError(f"cannot read {path}: {str(exc).splitlines()[0][:200]}") from None
-
-
-def write_json(path: Path, data: dict) -> Path:
-    """Written atomically, like valdi.py's checkpoints: an interrupted write keeps the old file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2))
-    os.replace(tmp, path)
-    return path
 
 
 def progress(**kwargs):
@@ -237,19 +220,19 @@ def cmd_returns(ns: argparse.Namespace) -> int:
                 bar.set_description(f"returns {run.args.dynamics}" + (f" {steps} steps" if steps else ""))
                 results.append(evaluate_returns(run, device, seeds, steps, bar))
             data = {"run": run.path, "dynamics": run.args.dynamics, "frames": ns.frames,
-                    "planner": {k: getattr(run.args, k) for k in ("pop_size", "num_elites", "cem_iters", "horizon")},
+                    "planner": planner_settings(run.args),
                     "track_seeds": seeds, "results": results}
             path = run.eval_dir / "returns.json"
             old = read_json(path) if path.exists() else None
-            write_json(path, merge_results(old, data))
+            valdi.write_json(path, merge_results(old, data))
             bar.write(f"wrote {path}", file=sys.stderr)
             for r in results:
                 rows.append([run.label, run.args.dynamics, r["diffusion_steps"] or "-", len(r["returns"]),
-                             fmt(r["mean"], 1), fmt(r["std"], 1), fmt(r["min"], 1), fmt(r["max"], 1),
+                             f"{fmt(r['mean'], 1)} ± {fmt(r['sem'], 1)}", fmt(r["std"], 1), fmt(r["min"], 1), fmt(r["max"], 1),
                              fmt(float(np.mean(r["mean_speeds"])), 2), fmt(r["planner_hz"], 1)])
     print(f"\nEvaluation returns on the first {len(seeds)} fixed tracks, {ns.frames} frames, no exploration "
           f"noise (device {device})")
-    print(markdown_table(["run", "dynamics", "diffusion steps", "episodes", "mean", "std", "min", "max",
+    print(markdown_table(["run", "dynamics", "diffusion steps", "episodes", "mean ± s.e.", "std", "min", "max",
                           "mean speed bar", "planner Hz"], rows))
     return 0
 
@@ -290,16 +273,21 @@ def drift_residuals(real_values: np.ndarray, imagined_values: np.ndarray) -> lis
     return out
 
 
-def error_rows(deltas_per_h: list[np.ndarray], first_h: int) -> list[dict]:
-    """Table 1's four numbers per depth: mean signed, mean absolute, std, count. The paper prints
-    the signed mean; the absolute mean shows whether it hides errors of both signs."""
+def error_rows(deltas_per_h: list[np.ndarray], first_h: int, groups_per_h: list[np.ndarray]) -> list[dict]:
+    """Table 1's numbers per depth: mean signed, its standard error, mean absolute, std, count.
+    The paper prints the signed mean; the absolute mean shows whether it hides errors of both
+    signs. Residuals from one episode are not independent (neighbouring states look alike), so
+    the standard error is taken over episodes: the std of the per-episode means over sqrt of
+    their number (groups_per_h gives each residual's episode)."""
     rows = []
-    for i, d in enumerate(deltas_per_h):
-        d = np.asarray(d, np.float64).ravel()
+    for i, (d, g) in enumerate(zip(deltas_per_h, groups_per_h)):
+        d, g = np.asarray(d, np.float64).ravel(), np.asarray(g).ravel()
         n = d.size
-        rows.append({"h": first_h + i, "mean": float(d.mean()) if n else None,
+        episode_means = [d[g == e].mean() for e in np.unique(g)]
+        sem = float(np.std(episode_means, ddof=1) / math.sqrt(len(episode_means))) if len(episode_means) > 1 else None
+        rows.append({"h": first_h + i, "mean": float(d.mean()) if n else None, "sem": sem,
                      "mean_abs": float(np.abs(d).mean()) if n else None,
-                     "std": float(d.std()) if n else None, "count": int(n)})
+                     "std": float(d.std()) if n else None, "count": int(n), "episodes": len(episode_means)})
     return rows
 
 
@@ -316,15 +304,24 @@ def table1_side_by_side(name: str, results: list[tuple[str, list[dict]]]) -> str
                 best[i] = min(means)[1]
     table = []
     for j, (label, rows) in enumerate(results):
-        cells = [fmt(r["mean"]) for r in rows]
+        cells = [fmt(r["mean"]) + (f" ± {fmt(r['sem'])}" if r.get("sem") is not None else "") for r in rows]
         table.append([label] + [f"**{c}**" if best.get(i) == j else c for i, c in enumerate(cells)])
     return markdown_table([name] + [f"h={h}" for h in hs], table)
 
 
+def print_table1(name: str, title: str, results: list[tuple[str, list[dict]]]) -> None:
+    """The side-by-side row of Table 1, then each run's details."""
+    print(f"\n{title}")
+    print(table1_side_by_side(name, results))
+    for label, rows in results:
+        print(f"\n{label}")
+        print(detail_table(rows))
+
+
 def detail_table(rows: list[dict]) -> str:
-    return markdown_table(["h", "mean", "mean abs", "std", "count"],
-                          [[r["h"], fmt(r["mean"], 3), fmt(r["mean_abs"], 3), fmt(r["std"], 3), r["count"]]
-                           for r in rows])
+    return markdown_table(["h", "mean", "s.e. (over episodes)", "mean abs", "std", "count", "episodes"],
+                          [[r["h"], fmt(r["mean"], 3), fmt(r["sem"], 3), fmt(r["mean_abs"], 3), fmt(r["std"], 3),
+                            r["count"], r["episodes"]] for r in rows])
 
 
 # --- the same arithmetic fed by the model ------------------------------------------------------
@@ -351,69 +348,32 @@ def drift_of_episode(model: valdi.WorldModel, real_latents: torch.Tensor,
 # =============================================================================================
 # 10,000 real states from an on-policy dataset of the system itself (not a replay buffer full of
 # exploration): this is where the agent's value must be consistent, because it is where it
-# plans. From each state the planner proposes an action sequence (exactly valdi.plan, batched
-# over many start states at once), the dynamics imagine it, and Eq. 2 is evaluated at each depth.
-DECODER_DATASET = Path("decoder") / "dataset.npz"  # written by decoder.py collect
-
-
-def on_policy_states(run: Run, device: torch.device, num_states: int, dataset: Path | None, frames: int,
-                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, str]:
-    """(rgb (N, 96, 96, 3) uint8, proprio (N, 7), description of the source) with N <= num_states.
-
-    decoder.py's `collect` already rolls the trained agent out with noise 0 for its decoder
-    (Supp. G); when that dataset exists it is exactly the on-policy data Table 1 asks for. Else we
-    collect our own with valdi.collect_trajectory on the fixed tracks."""
-    path = dataset if dataset is not None else run.run_dir / DECODER_DATASET
-    if dataset is not None and not path.is_file():
-        raise valdi.ValdiError(f"no dataset at {path}")
-    if path.is_file():
-        try:
-            with np.load(path) as data:
-                rgb, proprio = data["rgb"], data["proprio"]
-        except Exception as exc:
-            raise valdi.ValdiError(f"cannot read dataset {path}: {str(exc).splitlines()[0][:200]}") from None
-        if rgb.ndim != 4 or rgb.shape[1:] != (96, 96, 3) or len(proprio) != len(rgb):
-            raise valdi.ValdiError(f"{path} does not hold rgb (N, 96, 96, 3) and proprio (N, 7) arrays")
-        source = str(path)
-    else:
-        args = dataclasses.replace(run.args, max_episode_steps=frames)
-        env = valdi.make_env(args)
-        rgb_parts, proprio_parts, have = [], [], 0
-        estimate = math.ceil(num_states / (frames + 1))
-        try:
-            with progress(total=estimate, desc=f"collect {run.args.dynamics}", unit="ep") as bar:
-                for seed in fixed_track_seeds(10 * estimate + 100):  # far more tracks than needed
-                    traj, _ = valdi.collect_trajectory(env, run.model, args, device, noise_std=0.0,
-                                                       track_seed=seed, generator=new_generator(device, seed))
-                    rgb_parts.append(traj["rgb"])
-                    proprio_parts.append(traj["proprio"])
-                    have += len(traj["rgb"])
-                    bar.update(1)
-                    if have >= num_states:
-                        break
-        finally:
-            env.close()
-        rgb, proprio = np.concatenate(rgb_parts), np.concatenate(proprio_parts)
-        source = f"collected: {len(rgb_parts)} episodes of up to {frames} frames on the fixed tracks, noise 0"
-    # Uniformly without replacement: every state of the dataset is equally likely to be a start.
-    pick = np.sort(rng.choice(len(rgb), size=min(num_states, len(rgb)), replace=False))
-    return rgb[pick], proprio[pick].astype(np.float32), source
+# plans. The dataset is decoder.py's (`python decoder.py collect RUN --episodes 50`): the trained
+# agent driving with noise 0 on tracks of its own, none of them a track of the returns
+# evaluation. From each state the planner proposes an action sequence (exactly valdi.plan,
+# batched over many start states at once), the dynamics imagine it, and Eq. 2 is evaluated at
+# each depth.
+def on_policy_states(run: Run, num_states: int, dataset: Path | None, rng: np.random.Generator) -> dict:
+    """num_states frames drawn uniformly without replacement from the run's on-policy dataset:
+    rgb (N, 96, 96, 3), proprio (N, 7), and the episode (track) of each."""
+    data = decoder.load_dataset(run.run_dir, dataset)
+    pick = np.sort(rng.choice(len(data["rgb"]), size=min(num_states, len(data["rgb"])), replace=False))
+    return {"rgb": data["rgb"][pick], "proprio": data["proprio"][pick].astype(np.float32),
+            "episode": data["episode"][pick], "source": str(dataset or decoder.dataset_path(run.run_dir))}
 
 
 def consistency_of_run(run: Run, device: torch.device, rgb: np.ndarray, proprio: np.ndarray, steps: int,
                        plan_batch: int, generator: torch.Generator, bar=None) -> np.ndarray:
     """delta_TD (N, H) for N start states, planned and imagined plan_batch states at a time."""
-    gamma_wm = run.args.gamma ** run.args.action_chunk
     deltas = []
     for i in range(0, len(rgb), plan_batch):
         with torch.inference_mode():
-            z = run.model.encode(torch.from_numpy(rgb[i:i + plan_batch]).to(device),
-                                 torch.from_numpy(proprio[i:i + plan_batch]).to(device))
+            z = decoder.encode_frames(run.model, rgb[i:i + plan_batch], proprio[i:i + plan_batch], device)
             actions = valdi.plan(run.model, z, run.args, 0.0, steps, generator)
             # A fresh imagination of the chosen plan, not the one the planner scored it on: the
             # best of 512 scored futures is biased towards optimism; a new sample is not.
             latents = run.model.imagine(z, actions, steps, generator)
-        deltas.append(td_of_rollouts(run.model, latents, actions, gamma_wm))
+        deltas.append(td_of_rollouts(run.model, latents, actions, run.args.gamma_wm))
         if bar is not None:
             bar.update(len(z))
     return np.concatenate(deltas)
@@ -433,25 +393,22 @@ def cmd_consistency(ns: argparse.Namespace) -> int:
         raise valdi.ValdiError("--dataset names one run's dataset; give one run with it")
     results = []
     for run in runs:
-        rng = np.random.default_rng(ns.seed)
-        rgb, proprio, source = on_policy_states(run, device, ns.num_states, ns.dataset, ns.frames, rng)
+        states = on_policy_states(run, ns.num_states, ns.dataset, np.random.default_rng(ns.seed))
         steps = run_steps(run, ns.diffusion_steps)
-        with progress(total=len(rgb), desc=f"consistency {run.args.dynamics}", unit="state") as bar:
-            deltas = consistency_of_run(run, device, rgb, proprio, steps, ns.plan_batch,
+        with progress(total=len(states["rgb"]), desc=f"consistency {run.args.dynamics}", unit="state") as bar:
+            deltas = consistency_of_run(run, device, states["rgb"], states["proprio"], steps, ns.plan_batch,
                                         new_generator(device, ns.seed), bar)
-        rows = error_rows(list(deltas.T), first_h=0)
-        path = write_json(run.eval_dir / "consistency.json", {
+        rows = error_rows(list(deltas.T), 0, [states["episode"]] * deltas.shape[1])
+        path = valdi.write_json(run.eval_dir / "consistency.json", {
             "run": run.path, "dynamics": run.args.dynamics, "diffusion_steps": steps,
-            "num_states": len(rgb), "source": source, "gamma_wm": run.args.gamma ** run.args.action_chunk,
-            "planner": {k: getattr(run.args, k) for k in ("pop_size", "num_elites", "cem_iters", "horizon")},
+            "num_states": len(states["rgb"]), "num_tracks": len(np.unique(states["episode"])),
+            "source": states["source"], "gamma_wm": run.args.gamma_wm,
+            "planner": planner_settings(run.args),
             "seed": ns.seed, "rows": rows})
         print(f"wrote {path}", file=sys.stderr)
         results.append((run.label, rows))
-    print(f"\nSelf-consistency delta_TD_h (Eq. 2), signed mean over start states (device {device})")
-    print(table1_side_by_side("delta_TD", results))
-    for label, rows in results:
-        print(f"\n{label}")
-        print(detail_table(rows))
+    print_table1("delta_TD", f"Self-consistency delta_TD_h (Eq. 2), signed mean ± standard error over "
+                 f"start states (device {device})", results)
     return 0
 
 
@@ -502,6 +459,7 @@ def cmd_grounding(ns: argparse.Namespace) -> int:
             steps = run_steps(run, ns.diffusion_steps)
             env = valdi.make_env(run.args)
             per_h = [[] for _ in range(run.args.horizon)]
+            episode_of = [[] for _ in range(run.args.horizon)]
             returns, lengths = [], []
             bar.set_description(f"grounding {run.args.dynamics}")
             try:
@@ -509,26 +467,23 @@ def cmd_grounding(ns: argparse.Namespace) -> int:
                     episode = closed_loop_episode(env, run, device, seed, steps, new_generator(device, seed))
                     for h, d in enumerate(drift_of_episode(run.model, episode["real"], episode["imagined"])):
                         per_h[h].append(d)
+                        episode_of[h].append(np.full(len(d), len(returns)))
                     returns.append(episode["return"])
                     lengths.append(episode["length"])
                     bar.set_postfix(ret=f"{episode['return']:.1f}")
                     bar.update(1)
             finally:
                 env.close()
-            rows = error_rows([np.concatenate(d) for d in per_h], first_h=1)
-            path = write_json(run.eval_dir / "grounding.json", {
+            rows = error_rows([np.concatenate(d) for d in per_h], 1, [np.concatenate(e) for e in episode_of])
+            path = valdi.write_json(run.eval_dir / "grounding.json", {
                 "run": run.path, "dynamics": run.args.dynamics, "diffusion_steps": steps,
                 "wm_steps": ns.wm_steps, "track_seeds": seeds, "returns": returns, "lengths": lengths,
-                "planner": {k: getattr(run.args, k) for k in ("pop_size", "num_elites", "cem_iters", "horizon")},
+                "planner": planner_settings(run.args),
                 "rows": rows})
             bar.write(f"wrote {path}", file=sys.stderr)
             results.append((run.label, rows))
-    print(f"\nGrounding delta_drift_h (Eq. 3), signed mean over {len(seeds)} closed-loop episodes of "
-          f"{ns.wm_steps} world-model steps (device {device})")
-    print(table1_side_by_side("delta_drift", results))
-    for label, rows in results:
-        print(f"\n{label}")
-        print(detail_table(rows))
+    print_table1("delta_drift", f"Grounding delta_drift_h (Eq. 3), signed mean ± standard error over "
+                 f"{len(seeds)} closed-loop episodes of {ns.wm_steps} world-model steps (device {device})", results)
     return 0
 
 
@@ -714,7 +669,7 @@ def cmd_speed(ns: argparse.Namespace) -> int:
           fmt(r["updates_per_s"], 3), fmt(r["update_flops"] / 1e9, 2), fmt(r["update_flops_per_s"] / 1e9, 1),
           fmt(100 * r["update_fraction_of_matmul"], 1)] for r in rows]))
     if ns.json:
-        path = write_json(Path(ns.json), {
+        path = valdi.write_json(Path(ns.json), {
             "device": str(device), "device_name": name, "torch": torch.__version__,
             "flags": {k: getattr(ns, k) for k in ("pop_size", "num_elites", "cem_iters", "horizon",
                                                   "diffusion_steps", "batch_size", "warmup", "repeats")},
@@ -726,27 +681,22 @@ def cmd_speed(ns: argparse.Namespace) -> int:
 # =============================================================================================
 # 6. plot: Figure 4 (training returns) and Figure 3 left (return and LPIPS vs diffusion steps)
 # =============================================================================================
-DIVERSITY_JSON = Path("decoder") / "diversity.json"  # written by decoder.py diversity
-
-
-def read_progress(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(trajectory index, return) per collected trajectory from valdi.py's progress.csv."""
+def read_progress(run_dir: Path) -> dict[str, np.ndarray]:
+    """valdi.py's progress.csv as one float array per column (NaN where a cell is empty: the
+    seed trajectories have no losses). A row that is not numbers is one error naming its line."""
     path = run_dir / "progress.csv"
     if not path.is_file():
         raise valdi.ValdiError(f"no progress.csv in {run_dir} (is it a run directory made by valdi.py?)")
+    columns = {name: [] for name in valdi.CSV_FIELDS}
     with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("return")]
-    return (np.array([int(r["trajectory"]) for r in rows], np.int64),
-            np.array([float(r["return"]) for r in rows], np.float64))
-
-
-def read_losses(run_dir: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(trajectory index, {loss name: values}) for the trajectories that were followed by updates
-    (the seed trajectories have empty loss cells in progress.csv)."""
-    with open(run_dir / "progress.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("loss_total")]
-    return (np.array([int(r["trajectory"]) for r in rows], np.int64),
-            {name: np.array([float(r[f"loss_{name}"]) for r in rows]) for name in valdi.LOSS_NAMES})
+        for line, row in enumerate(csv.DictReader(f), start=2):
+            for name in columns:
+                cell = row.get(name) or ""
+                try:
+                    columns[name].append(float(cell) if cell.strip() else math.nan)
+                except ValueError:
+                    raise valdi.ValdiError(f"{path} line {line}: {name} is {cell[:40]!r}, not a number") from None
+    return {name: np.asarray(values, np.float64) for name, values in columns.items()}
 
 
 def moving_average(x: np.ndarray, window: int) -> np.ndarray:
@@ -766,136 +716,140 @@ def run_flags(run_dir: Path) -> dict:
         return {}
 
 
-def cmd_plot(ns: argparse.Namespace) -> int:
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display needed
+def save_figure(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
+    valdi.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+    return path
 
-    run_dirs = [run_dir_of(p) for p in ns.runs]
-    for d in run_dirs:  # every input checked before any output: one error line, nothing half-drawn
-        if not d.is_dir():
-            raise valdi.ValdiError(f"no run directory at {d}")
-        if not (d / "progress.csv").is_file():
-            raise valdi.ValdiError(f"no progress.csv in {d} (is it a run directory made by valdi.py?)")
-    out_dir = Path(ns.out_dir) if ns.out_dir else run_dirs[0] / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    summary, written, table = {}, [], []
 
-    # --- Figure 4 (left): return of every training trajectory, thin, with its moving average ---
+def plot_training_returns(runs: dict, window: int, path: Path) -> Path:
+    """Fig. 4 (left): the return of every training trajectory, thin, with its trailing mean."""
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    frames = set()
-    for i, run_dir in enumerate(progress(iterable=run_dirs, desc="plot", unit="run")):
-        traj, ret = read_progress(run_dir)
-        flags = run_flags(run_dir)
-        kind = flags.get("dynamics", "?")
-        frames.add(flags.get("max_episode_steps", "?"))
-        color = colors[i % len(colors)]
-        ax.plot(traj, ret, color=color, alpha=0.25, linewidth=0.7)
-        ma = moving_average(ret, ns.window)
-        ax.plot(traj, ma, color=color, linewidth=2, label=f"{run_dir.name} ({kind})")
+    for color, (run_dir, (flags, log)) in zip(COLORS, runs.items()):
+        ax.plot(log["trajectory"], log["return"], color=color, alpha=0.25, linewidth=0.7)
+        ax.plot(log["trajectory"], moving_average(log["return"], window), color=color, linewidth=2,
+                label=f"{run_dir.name} ({flags.get('dynamics', '?')})")
         if "seed_trajectories" in flags:  # Algorithm 1: no updates before this line
             ax.axvline(flags["seed_trajectories"] - 0.5, color=color, linestyle=":", linewidth=1)
-        summary[run_dir.name] = {"dynamics": kind, "trajectories": len(ret),
-                                 "final_moving_average": float(ma[-1]) if len(ma) else None,
-                                 "best_return": float(ret.max()) if len(ret) else None}
-        table.append([run_dir.name, kind, len(ret), fmt(summary[run_dir.name]["final_moving_average"], 1),
-                      fmt(summary[run_dir.name]["best_return"], 1)])
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    frames = sorted({str(flags.get("max_episode_steps", "?")) for flags, _ in runs.values()})
     ax.set_xlabel("training trajectory (dotted: end of the seed trajectories)")
-    ax.set_ylabel(f"return per trajectory ({', '.join(map(str, sorted(frames, key=str)))} frames)")
-    ax.set_title(f"Training returns (Fig. 4 left); thick: trailing mean of {ns.window}")
+    ax.set_ylabel(f"return per trajectory ({', '.join(frames)} frames)")
+    ax.set_title(f"Training returns (Fig. 4 left); thick: trailing mean of {window}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = out_dir / "figure4_training_returns.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    return save_figure(fig, path)
 
-    # --- Training losses: the parts of Eq. 9 per trajectory (mean of its updates) -------------
-    # Not a figure of the paper, but the first thing to look at when returns do not move yet:
-    # a falling dynamics loss and a SIGReg term near its Gaussian floor mean the model learns.
-    fig, axes = plt.subplots(1, len(valdi.LOSS_NAMES), figsize=(3.2 * len(valdi.LOSS_NAMES), 3.4))
-    for i, run_dir in enumerate(run_dirs):
-        trajectories, losses = read_losses(run_dir)
-        for ax, name in zip(axes, valdi.LOSS_NAMES):
-            if len(trajectories):
-                ax.plot(trajectories, losses[name], color=colors[i % len(colors)], alpha=0.3, linewidth=0.7)
-                ax.plot(trajectories, moving_average(losses[name], ns.window), color=colors[i % len(colors)],
-                        linewidth=1.8, label=run_dir.name)
-    for ax, name in zip(axes, valdi.LOSS_NAMES):
+
+TRAINING_CURVES = [("loss_dynamics", "dynamics loss (Eq. 7 / latent MSE)"), ("loss_reward", "reward loss"),
+                   ("loss_value", "value (TD) loss"), ("loss_sigreg", "SIGReg"), ("latent_norm", "mean |z_t|")]
+
+
+def plot_training_losses(runs: dict, window: int, path: Path) -> Path:
+    """The terms of Eq. 9 and the latent norm per trajectory (mean over its updates). Not a figure
+    of the paper, but the first thing to look at while returns do not move yet: a falling
+    dynamics loss, SIGReg near its floor and a steady latent norm mean the model learns."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(TRAINING_CURVES), figsize=(3.3 * len(TRAINING_CURVES), 3.5))
+    for color, (run_dir, (flags, log)) in zip(COLORS, runs.items()):
+        trained = ~np.isnan(log["loss_total"])
+        for ax, (column, _) in zip(axes, TRAINING_CURVES):
+            x, y = log["trajectory"][trained], log[column][trained]
+            ax.plot(x, y, color=color, alpha=0.3, linewidth=0.7)
+            ax.plot(x, moving_average(y, window), color=color, linewidth=1.8,
+                    label=f"{run_dir.name} ({flags.get('dynamics', '?')})")
+    for ax, (column, title) in zip(axes, TRAINING_CURVES):
         ax.set_yscale("log")
-        ax.set_title(f"loss: {name}")
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("training trajectory")
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"Training losses (Eq. 9 terms, mean of each trajectory's updates); thick: trailing mean of {ns.window}",
-                 fontsize=10)
+    fig.suptitle(f"Training losses (mean of each trajectory's updates); thick: trailing mean of {window}", fontsize=10)
     fig.tight_layout()
-    path = out_dir / "training_losses.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    return save_figure(fig, path)
 
-    # --- Figure 3 (left): evaluation return against inference diffusion steps -------------------
-    # Valdi runs are lines over the step counts; the MLP has no steps and is a horizontal line.
-    # decoder.py's LPIPS diversity (when present) goes on a second axis, as in the paper.
-    evals = {d: read_json(d / "eval" / "returns.json")
-             for d in run_dirs if (d / "eval" / "returns.json").is_file()}
+
+def plot_diffusion_steps(evals: dict, path: Path) -> Path:
+    """Fig. 3 (left): evaluation return against inference diffusion steps, ± one standard error.
+    Valdi runs are lines over the step counts; the MLP has no steps and is a horizontal line.
+    decoder.py's LPIPS diversity (when present) goes on a second axis, as in the paper."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax2, all_steps = None, set()
+    for color, (run_dir, data) in zip(COLORS, evals.items()):
+        results = data["results"]
+        if data["dynamics"] == "mlp":
+            r = results[0]
+            ax.axhline(r["mean"], color=color, linestyle="--", label=f"{run_dir.name} (MLP)")
+            if r.get("sem"):
+                ax.axhspan(r["mean"] - r["sem"], r["mean"] + r["sem"], color=color, alpha=0.1)
+            continue
+        steps = np.array([r["diffusion_steps"] for r in results])
+        mean = np.array([r["mean"] for r in results])
+        sem = np.array([r.get("sem") or 0.0 for r in results])
+        all_steps.update(steps.tolist())
+        ax.plot(steps, mean, "o-", color=color, label=f"{run_dir.name} (Valdi)")
+        ax.fill_between(steps, mean - sem, mean + sem, color=color, alpha=0.15)
+        diversity = decoder.decoder_dir(run_dir) / "diversity.json"
+        if diversity.is_file():
+            lp = read_json(diversity)
+            if not {"diffusion_steps", "lpips_mean"} <= set(lp):
+                raise valdi.ValdiError(f"{diversity} lacks diffusion_steps / lpips_mean (written by decoder.py?)")
+            ax2 = ax2 or ax.twinx()
+            ax2.errorbar(lp["diffusion_steps"], lp["lpips_mean"], yerr=lp.get("lpips_std"), color=color,
+                         linestyle=":", marker="s", capsize=3, label=f"{run_dir.name} LPIPS")
+            all_steps.update(lp["diffusion_steps"])
+    if all_steps:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(all_steps), [str(s) for s in sorted(all_steps)])
+    ax.set_xlabel("inference diffusion steps")
+    ax.set_ylabel("mean evaluation return (± s.e.)")
+    ax.set_title("Evaluation return vs diffusion steps (Fig. 3 left)")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if ax2 is not None:
+        ax2.set_ylabel("mean pairwise LPIPS (dotted)")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, fontsize=8, loc="best")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+
+
+def cmd_plot(ns: argparse.Namespace) -> int:
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+
+    run_dirs = [run_dir_of(p) for p in ns.runs]
+    runs = {}
+    for d in run_dirs:  # every input read before any output: one error line, nothing half-drawn
+        if not d.is_dir():
+            raise valdi.ValdiError(f"no run directory at {d}")
+        runs[d] = (run_flags(d), read_progress(d))
+    evals = {d: read_json(d / "eval" / "returns.json") for d in run_dirs if (d / "eval" / "returns.json").is_file()}
+    out_dir = Path(ns.out_dir) if ns.out_dir else run_dirs[0] / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    written = [plot_training_returns(runs, ns.window, out_dir / "figure4_training_returns.png"),
+               plot_training_losses(runs, ns.window, out_dir / "training_losses.png")]
     if evals:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        ax2, all_steps = None, set()
-        for i, run_dir in enumerate(run_dirs):
-            if run_dir not in evals:
-                continue
-            color = colors[i % len(colors)]
-            results = evals[run_dir]["results"]
-            summary[run_dir.name]["eval"] = {str(r["diffusion_steps"]): r["mean"] for r in results}
-            if evals[run_dir]["dynamics"] == "mlp" or all(r["diffusion_steps"] is None for r in results):
-                ax.axhline(results[0]["mean"], color=color, linestyle="--", label=f"{run_dir.name} (MLP)")
-                continue
-            results = [r for r in results if r["diffusion_steps"] is not None]
-            steps = np.array([r["diffusion_steps"] for r in results])
-            mean = np.array([r["mean"] for r in results])
-            # Shaded: +- one standard error of the mean over the evaluation tracks.
-            sem = np.array([r["std"] / math.sqrt(max(1, len(r["returns"]))) for r in results])
-            all_steps.update(steps.tolist())
-            ax.plot(steps, mean, "o-", color=color, label=f"{run_dir.name} (Valdi)")
-            ax.fill_between(steps, mean - sem, mean + sem, color=color, alpha=0.15)
-            diversity = run_dir / DIVERSITY_JSON
-            if diversity.is_file():
-                lp = read_json(diversity)
-                if not {"diffusion_steps", "lpips_mean"} <= set(lp):
-                    raise valdi.ValdiError(f"{diversity} lacks diffusion_steps / lpips_mean (written by decoder.py?)")
-                ax2 = ax2 or ax.twinx()
-                ax2.errorbar(lp["diffusion_steps"], lp["lpips_mean"], yerr=lp.get("lpips_std"), color=color,
-                             linestyle=":", marker="s", capsize=3, label=f"{run_dir.name} LPIPS")
-                all_steps.update(lp["diffusion_steps"])
-                summary[run_dir.name]["lpips"] = dict(zip(map(str, lp["diffusion_steps"]), lp["lpips_mean"]))
-        if all_steps:
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(sorted(all_steps), [str(s) for s in sorted(all_steps)])
-        ax.set_xlabel("inference diffusion steps")
-        ax.set_ylabel("mean evaluation return")
-        ax.set_title("Evaluation return vs diffusion steps (Fig. 3 left)")
-        ax.grid(alpha=0.3)
-        handles, labels = ax.get_legend_handles_labels()
-        if ax2 is not None:
-            ax2.set_ylabel("mean pairwise LPIPS (dotted)")
-            h2, l2 = ax2.get_legend_handles_labels()
-            handles, labels = handles + h2, labels + l2
-        ax.legend(handles, labels, fontsize=8, loc="best")
-        fig.tight_layout()
-        path = out_dir / "figure3_diffusion_steps.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(plot_diffusion_steps(evals, out_dir / "figure3_diffusion_steps.png"))
     else:
         print("no RUN_DIR/eval/returns.json in these runs: Figure 3 skipped (run `returns` first)", file=sys.stderr)
 
-    write_json(out_dir / "plot.json", {"figures": written, "runs": summary})
-    print(markdown_table(["run", "dynamics", "trajectories", f"last mean of {ns.window}", "best return"], table))
+    summary = {d.name: {"dynamics": flags.get("dynamics"), "trajectories": len(log["return"]),
+                        "final_moving_average": float(moving_average(log["return"], ns.window)[-1]),
+                        "best_return": float(log["return"].max())}
+               for d, (flags, log) in runs.items() if len(log["return"])}
+    valdi.write_json(out_dir / "plot.json", {"figures": written, "window": ns.window, "runs": summary})
+    print(markdown_table(["run", "dynamics", "trajectories", f"last mean of {ns.window}", "best return"],
+                         [[name, r["dynamics"], r["trajectories"], fmt(r["final_moving_average"], 1),
+                           fmt(r["best_return"], 1)] for name, r in summary.items()]))
     for path in written:
         print(f"wrote {path}")
     return 0
@@ -965,9 +919,7 @@ def build_parser() -> argparse.ArgumentParser:
                 [runs, planner, device])
     p.add_argument("--num-states", type=positive_int, default=10_000, help="real start states")
     p.add_argument("--dataset", type=Path, default=None,
-                   help=f"on-policy dataset (.npz with rgb, proprio); default RUN_DIR/{DECODER_DATASET} "
-                        "when it exists, else one is collected")
-    p.add_argument("--frames", type=positive_int, default=600, help="env frames per collected episode")
+                   help="on-policy dataset written by `decoder.py collect` (default: RUN_DIR/decoder/dataset.npz)")
     p.add_argument("--diffusion-steps", type=diffusion_steps_type, default=None,
                    help="DDIM steps for planning and imagination (default: the run's own)")
     p.add_argument("--plan-batch", type=positive_int, default=64, help="start states planned at once")

@@ -1,16 +1,18 @@
 """Valdi: Value Diffusion World Models -- a single-file reference implementation.
 
 Read this file beside the paper (Lindenberg & Chitta, "Valdi: Value Diffusion World Models").
-It follows the paper's order:
+It follows the paper's order, top to bottom:
 
-    1. Flags ............ every hyperparameter of Table 3, defaults equal to the paper
-    2. Environment ...... the modified CarRacing of Supp. E (pixels + 7 proprio values)
-    3. Networks ......... encoder, diffusion transformer / MLP baseline, reward, value (Supp. B)
+    1. Constants ........ the shapes the paper fixes
+    2. Flags ............ every hyperparameter of Table 3, defaults equal to the paper
+    3. Environment ...... the modified CarRacing of Supp. E (pixels + the band's 7 readings)
     4. Diffusion ........ linear schedule, v-parameterisation, Eq. 1, DDIM sampler (Supp. A.2)
-    5. Losses ........... Eq. 9 with SIGReg, Algorithm 1 lines 12-21 (Supp. C)
-    6. Replay ........... whole trajectories, segments of H + 2 frames 3 env steps apart
-    7. Planner .......... CEM over action chunks, Eq. 10 (Supp. D)
-    8. Online loop ...... Algorithm 1: collect a trajectory, then N updates (Supp. F)
+    5. Networks ......... encoder, diffusion transformer / MLP baseline, reward, value (Supp. B)
+    6. Losses ........... Eq. 9 with SIGReg, Algorithm 1 lines 12-21 (Supp. C)
+    7. Replay ........... whole trajectories, segments of H + 2 frames 3 env steps apart
+    8. Planner .......... CEM over action chunks, Eq. 10 (Supp. D)
+    9. Online loop ...... Algorithm 1: collect a trajectory, then N updates (Supp. F)
+   10. Infrastructure ... command line, atomic files, checkpoints, exact resume (not the method)
 
 Valdi is TD-MPC with one change: the deterministic MLP that rolls the latent state forward is
 replaced by a diffusion transformer that denoises the whole H-step latent future at once,
@@ -47,7 +49,20 @@ import torch.nn.functional as F
 
 
 # =============================================================================================
-# 1. Flags (Table 3)
+# 1. Constants
+# =============================================================================================
+# The shapes the paper fixes (Supp. B, D, E). The flags below may change the others.
+PROPRIO_DIM = 7  # the indicator band's 7 bars: speed, 4 wheel spins, steering, gyroscope
+ENV_ACTION_DIM = 3  # steer, gas, brake
+TOKEN_WIDTH = 256  # width of the diffusion transformer
+TAU_EMBED_DIM = 32  # learned diffusion-timestep embedding, Embedding(1000, 32)
+DIFFUSION_T = 1000  # diffusion steps of the noise schedule (Eq. 8)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # pixel normalisation of the encoder's CNN
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# =============================================================================================
+# 2. Flags (Table 3)
 # =============================================================================================
 def flag(default, help):
     """A dataclass field that carries its own --help line."""
@@ -97,146 +112,18 @@ class Args:
     explore_hold: int = flag(250, "trajectories (after seeding) at explore_std_max")
     explore_decay: int = flag(250, "trajectories of linear decay to explore_std_min")
 
+    @property
+    def gamma_wm(self) -> float:
+        """The discount of one world-model step: gamma ** action_chunk (Supp. D, Eq. 10)."""
+        return self.gamma ** self.action_chunk
+
 
 class ValdiError(Exception):
     """A problem with the user's input; reported as one line, never as a traceback."""
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse prints the whole usage block on an error; we print the error alone."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    """One --flag per Args field. With suppress_defaults, only flags given on the command line
-    appear in the result (used by --resume to know what the user overrides)."""
-    parser = OneLineParser(
-        prog="valdi.py",
-        description="Valdi: Value Diffusion World Models on CarRacing (online training).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        argument_default=argparse.SUPPRESS if suppress_defaults else None,
-    )
-    for f in dataclasses.fields(Args):
-        name = "--" + f.name.replace("_", "-")
-        kwargs = {"help": f.metadata["help"]}
-        if not suppress_defaults:
-            kwargs["default"] = f.default
-        if isinstance(f.default, bool):
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, **kwargs)
-        elif f.name == "dynamics":
-            parser.add_argument(name, choices=["diffusion", "mlp"], **kwargs)
-        elif f.name == "resume":
-            parser.add_argument(name, metavar="RUN_DIR", **kwargs)
-        else:
-            parser.add_argument(name, type=type(f.default), **kwargs)
-    return parser
-
-
-# Flags that fix the shapes of the networks and of the replay buffer: a resumed run keeps them.
-SHAPE_FLAGS = ("dynamics", "horizon", "action_chunk", "latent_dim", "max_episode_steps")
-
-
-def check_args(args: Args) -> None:
-    """Refuse bad or inconsistent settings before any work starts, naming the flag. Every check is
-    written as 'not (good)' so that a NaN, which fails every comparison, is refused too."""
-    def name(field: str) -> str:
-        return "--" + field.replace("_", "-")
-
-    at_least = {"total_trajectories": 1, "seed_trajectories": 1, "max_episode_steps": 1,
-                "updates_per_trajectory": 1, "batch_size": 1, "buffer_size": 1, "horizon": 1,
-                "action_chunk": 1, "latent_dim": 1, "pop_size": 1, "num_elites": 1, "cem_iters": 1,
-                "diffusion_steps": 1, "sigreg_slices": 1, "sigreg_points": 2, "seed": 0, "threads": 0,
-                "explore_hold": 0, "explore_decay": 0}
-    for field, low in at_least.items():
-        if not getattr(args, field) >= low:
-            raise ValdiError(f"{name(field)} must be at least {low}, got {getattr(args, field)}")
-    ranges = {  # (low, high, whether low itself is allowed)
-        "gamma": (0.0, 1.0, False), "lr": (0.0, 1.0, False), "ema_tau": (0.0, 1.0, True),
-        "sigreg_coef": (0.0, 1.0, True),  # Eq. 9 weighs the task losses by 1 - lambda_reg
-    }
-    for field, (low, high, closed) in ranges.items():
-        x = getattr(args, field)
-        if not ((low <= x if closed else low < x) and x <= high):
-            raise ValdiError(f"{name(field)} must be in {'[' if closed else '('}{low:g}, {high:g}], got {x}")
-    for field in ("grad_clip", "diffusion_coef", "reward_coef", "value_coef", "explore_std_max", "explore_std_min"):
-        x = getattr(args, field)
-        if not (0 <= x < math.inf) or (field == "grad_clip" and x == 0):
-            raise ValdiError(f"{name(field)} must be {'positive' if field == 'grad_clip' else 'non-negative'} "
-                             f"and finite, got {x}")
-    segment = args.action_chunk * (args.horizon + 1)  # env steps spanned by one replay segment
-    problems = [
-        (args.dynamics not in ("diffusion", "mlp"), f"unknown dynamics {args.dynamics!r} (diffusion or mlp)"),
-        (args.num_elites > args.pop_size, f"--num-elites {args.num_elites} exceeds --pop-size {args.pop_size}"),
-        (args.max_episode_steps < segment,
-         f"--max-episode-steps {args.max_episode_steps} is shorter than one replay segment "
-         f"({segment} env steps = action chunk x (horizon + 1))"),
-        (args.max_episode_steps % args.action_chunk != 0,
-         f"--max-episode-steps {args.max_episode_steps} is not a multiple of --action-chunk {args.action_chunk}"),
-        (args.diffusion_steps > DIFFUSION_T, f"--diffusion-steps must be at most {DIFFUSION_T}"),
-        (TOKEN_WIDTH - TAU_EMBED_DIM - ENV_ACTION_DIM * args.action_chunk - args.latent_dim < 1,
-         f"--latent-dim {args.latent_dim} leaves no room in the {TOKEN_WIDTH}-wide transformer token"),
-    ]
-    for bad, message in problems:
-        if bad:
-            raise ValdiError(message)
-    need, have = replay_bytes(args), available_memory()
-    if have is not None and need > have:
-        raise ValdiError(f"the replay buffer needs {need / 1e9:.1f} GB ({min(args.buffer_size, args.total_trajectories)} "
-                         f"trajectories of {args.max_episode_steps + 1} frames) but {have / 1e9:.1f} GB of memory is "
-                         f"available: lower --buffer-size")
-
-
-def replay_bytes(args: Args) -> int:
-    """Memory the replay buffer fills once it holds min(--buffer-size, --total-trajectories)
-    trajectories: uint8 frames dominate (96 * 96 * 3 bytes each, 16.6 GB at the paper's 1000 x 601)."""
-    frames = args.max_episode_steps + 1
-    per_trajectory = (frames * (96 * 96 * 3 + 4 * PROPRIO_DIM)
-                      + args.max_episode_steps * 4 * (ENV_ACTION_DIM + 1) + 8 + 1)
-    return min(args.buffer_size, args.total_trajectories) * per_trajectory
-
-
-def available_memory() -> int | None:
-    """Bytes of memory the OS can still give us (Linux MemAvailable), or None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def parse_args(argv: list[str] | None = None) -> Args:
-    """Flags -> Args. With --resume, the run's saved flags are the base and only the flags
-    given on this command line override them; the flags that fix shapes must not change."""
-    args = Args(**vars(build_parser().parse_args(argv)))  # handles --help and bad flags
-    given = vars(build_parser(suppress_defaults=True).parse_args(argv))
-    if args.resume:
-        run_dir = resolve_run_dir(args.resume)
-        saved = dict(load_checkpoint(run_dir)["args"])
-        for key in SHAPE_FLAGS:
-            if key in given and key in saved and given[key] != saved[key]:
-                raise ValdiError(f"--{key.replace('_', '-')} cannot change on --resume: {run_dir} was trained "
-                                 f"with {saved[key]}, not {given[key]}")
-        saved.update(given, resume=str(run_dir))
-        args = Args(**{f.name: saved.get(f.name, f.default) for f in dataclasses.fields(Args)})
-    check_args(args)
-    return args
-
-
-def pick_device(cuda: bool = True) -> torch.device:
-    """CUDA when present and allowed (--cuda, the default), else CPU: the same code runs on both."""
-    if cuda and torch.cuda.is_available():
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 # =============================================================================================
-# 2. Environment (Supp. E)
+# 3. Environment (Supp. E)
 # =============================================================================================
 # CarRacing draws speed, wheel spin, steering and gyro as bars in the bottom 12 rows of its
 # 96x96 frame. Valdi splits the two modalities (Supp. E): the band is blacked out of the image
@@ -246,9 +133,7 @@ def pick_device(cuda: bool = True) -> torch.device:
 # [-1, 1], gyro about [-2.8, 2.8]); the simulator's raw car state would carry the same signal
 # unbounded and 2-4x larger, which inflates the latents and destabilises online training.
 INDICATOR_BAND_START = 84
-PROPRIO_DIM = 7
-ENV_ACTION_DIM = 3  # steer, gas, brake
-RED, GREEN, BLUE = 0, 1, 2
+RED, GREEN, BLUE = 0, 1, 2  # channels of a frame
 
 
 def band_readout(frame: np.ndarray) -> np.ndarray:
@@ -297,17 +182,64 @@ def make_env(args: Args, render_mode: str | None = None) -> gym.Env:
 
 
 # =============================================================================================
-# 3. Networks (Supp. B, Table 2)
+# 4. Diffusion helpers (Supp. A.2)
+# =============================================================================================
+def linear_alpha_bar(T: int = DIFFUSION_T, beta_1: float = 1e-4, beta_T: float = 2e-2) -> torch.Tensor:
+    """Eq. 8: beta linear from 1e-4 to 2e-2, alpha_bar = cumprod(1 - beta). Index tau in 0..T-1,
+    where index 0 is already one step of noise. Computed in float64, stored in float32."""
+    betas = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
+    return torch.cumprod(1.0 - betas, dim=0).float()
+
+
+def add_noise(z: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Forward noising z^tau = sqrt(ab) z + sqrt(1 - ab) eps (Algorithm 1 line 15)."""
+    return alpha_bar.sqrt() * z + (1 - alpha_bar).sqrt() * eps
+
+
+def velocity_target(z: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """v-parameterisation u = sqrt(ab) eps - sqrt(1 - ab) z (Algorithm 1 line 16; Salimans & Ho).
+    Unlike eps-prediction it stays well-conditioned at tau = 999, where one-step sampling starts."""
+    return alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * z
+
+
+def reconstruct(z_noisy: torch.Tensor, u_hat: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Eq. 1: the one-step denoised estimate z_hat = sqrt(ab) z^tau - sqrt(1 - ab) u_hat."""
+    return alpha_bar.sqrt() * z_noisy - (1 - alpha_bar).sqrt() * u_hat
+
+
+def noise_estimate(z_noisy: torch.Tensor, u_hat: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """eps_hat = sqrt(1 - ab) z^tau + sqrt(ab) u_hat: the noise implied by the same prediction."""
+    return (1 - alpha_bar).sqrt() * z_noisy + alpha_bar.sqrt() * u_hat
+
+
+def ddim_timesteps(n: int, T: int = DIFFUSION_T) -> list[int]:
+    """tau_k = ceil(k T / n) - 1 for k = n..1: n=1 -> [999], n=2 -> [999, 499], n=4 -> [999, 749, 499, 249]."""
+    return [-(-k * T // n) - 1 for k in range(n, 0, -1)]
+
+
+def ddim_sample(velocity_fn, noise: torch.Tensor, steps: int, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) in the v-parameterisation. velocity_fn(z_tau, tau) -> u_hat.
+    Each step predicts the clean sample (Eq. 1) and the noise; the last step returns the clean
+    estimate, earlier ones re-noise it to the next, smaller tau along the same noise direction."""
+    taus = ddim_timesteps(steps)
+    z = noise
+    for i, tau in enumerate(taus):
+        ab = alpha_bar[tau]
+        u_hat = velocity_fn(z, tau)
+        z_hat = reconstruct(z, u_hat, ab)
+        if i == len(taus) - 1:
+            return z_hat
+        ab_next = alpha_bar[taus[i + 1]]
+        z = ab_next.sqrt() * z_hat + (1 - ab_next).sqrt() * noise_estimate(z, u_hat, ab)
+    raise ValueError("steps must be >= 1")
+
+
+# =============================================================================================
+# 5. Networks (Supp. B, Table 2)
 # =============================================================================================
 # All nonlinearities are tanh-approximated GELU. Parameter counts (tested exactly):
 #   encoder 1,052,896 | diffusion dynamics 3,198,387 | MLP dynamics 3,603,520
 #   reward 546,049 | value ensemble 592,898 | Valdi 5,390,230 | MLP baseline 5,795,363
-TOKEN_WIDTH = 256  # transformer width
-TAU_EMBED_DIM = 32  # learned diffusion-timestep embedding
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 def gelu() -> nn.Module:
     return nn.GELU(approximate="tanh")
 
@@ -426,8 +358,9 @@ class ResidualMLP(nn.Module):
 
 
 class MLPDynamics(nn.Module):
-    """The TD-MPC-style baseline: z_{k+1} = z_k + f([z_k, a_k]), rolled out autoregressively
-    (Eq. 4). Deterministic: one future per action sequence."""
+    """The TD-MPC-style baseline, Eq. 4's z_{k+1} = D(z_k, a_k), rolled out autoregressively.
+    D is realised as a residual step z_k + f([z_k, a_k]), as in the published implementation: f
+    learns the change of the latent, which starts near zero. One future per action sequence."""
 
     def __init__(self, latent_dim: int, action_dim: int):
         super().__init__()
@@ -508,63 +441,7 @@ def count_parameters(model: WorldModel) -> dict[str, int]:
 
 
 # =============================================================================================
-# 4. Diffusion helpers (Supp. A.2)
-# =============================================================================================
-DIFFUSION_T = 1000
-
-
-def linear_alpha_bar(T: int = DIFFUSION_T, beta_1: float = 1e-4, beta_T: float = 2e-2) -> torch.Tensor:
-    """Eq. 8: beta linear from 1e-4 to 2e-2, alpha_bar = cumprod(1 - beta). Index tau in 0..T-1,
-    where index 0 is already one step of noise. Computed in float64, stored in float32."""
-    betas = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
-    return torch.cumprod(1.0 - betas, dim=0).float()
-
-
-def add_noise(z: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """Forward noising z^tau = sqrt(ab) z + sqrt(1 - ab) eps (Algorithm 1 line 15)."""
-    return alpha_bar.sqrt() * z + (1 - alpha_bar).sqrt() * eps
-
-
-def velocity_target(z: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """v-parameterisation u = sqrt(ab) eps - sqrt(1 - ab) z (Algorithm 1 line 16; Salimans & Ho).
-    Unlike eps-prediction it stays well-conditioned at tau = 999, where one-step sampling starts."""
-    return alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * z
-
-
-def reconstruct(z_noisy: torch.Tensor, u_hat: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """Eq. 1: the one-step denoised estimate z_hat = sqrt(ab) z^tau - sqrt(1 - ab) u_hat."""
-    return alpha_bar.sqrt() * z_noisy - (1 - alpha_bar).sqrt() * u_hat
-
-
-def noise_estimate(z_noisy: torch.Tensor, u_hat: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """eps_hat = sqrt(1 - ab) z^tau + sqrt(ab) u_hat: the noise implied by the same prediction."""
-    return (1 - alpha_bar).sqrt() * z_noisy + alpha_bar.sqrt() * u_hat
-
-
-def ddim_timesteps(n: int, T: int = DIFFUSION_T) -> list[int]:
-    """tau_k = ceil(k T / n) - 1 for k = n..1: n=1 -> [999], n=2 -> [999, 499], n=4 -> [999, 749, 499, 249]."""
-    return [-(-k * T // n) - 1 for k in range(n, 0, -1)]
-
-
-def ddim_sample(velocity_fn, noise: torch.Tensor, steps: int, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0) in the v-parameterisation. velocity_fn(z_tau, tau) -> u_hat.
-    Each step predicts the clean sample (Eq. 1) and the noise; the last step returns the clean
-    estimate, earlier ones re-noise it to the next, smaller tau along the same noise direction."""
-    taus = ddim_timesteps(steps)
-    z = noise
-    for i, tau in enumerate(taus):
-        ab = alpha_bar[tau]
-        u_hat = velocity_fn(z, tau)
-        z_hat = reconstruct(z, u_hat, ab)
-        if i == len(taus) - 1:
-            return z_hat
-        ab_next = alpha_bar[taus[i + 1]]
-        z = ab_next.sqrt() * z_hat + (1 - ab_next).sqrt() * noise_estimate(z, u_hat, ab)
-    raise ValueError("steps must be >= 1")
-
-
-# =============================================================================================
-# 5. Losses (Supp. C, Eq. 9) and the update (Algorithm 1 lines 12-21)
+# 6. Losses (Supp. C, Eq. 9) and the update (Algorithm 1 lines 12-21)
 # =============================================================================================
 def sigreg(z: torch.Tensor, num_slices: int = 1024, num_points: int = 17, t_max: float = 3.0) -> torch.Tensor:
     """SIGReg (Balestriero & LeCun, 2025): pushes the batch of latents towards an isotropic
@@ -601,9 +478,14 @@ def td_targets(model: WorldModel, target: WorldModel, batch: dict, reward_target
     encoded by the online encoder, no gradient. A termination (off the playfield, lap done) ends
     the return, so it masks the bootstrap; a truncation at 600 frames does not: the car would
     have driven on, and its value is still there to bootstrap from."""
-    gamma_wm = args.gamma ** args.action_chunk  # discount per world-model step
     v_next = target.value(model.encode(batch["rgb"][:, 1:], batch["proprio"][:, 1:]))
-    return reward_target + gamma_wm * (~batch["terminal"]) * v_next
+    return reward_target + args.gamma_wm * (~batch["terminal"]) * v_next
+
+
+LOSS_NAMES = ("total", "dynamics", "reward", "value", "sigreg")
+
+
+UPDATE_STATS = (*LOSS_NAMES, "latent_norm")  # what update() reports, in this order
 
 
 def compute_losses(model: WorldModel, target: WorldModel, batch: dict, args: Args):
@@ -630,10 +512,13 @@ def compute_losses(model: WorldModel, target: WorldModel, batch: dict, args: Arg
         eps = torch.randn_like(z_bar)
         z_noisy = add_noise(z_bar, eps, ab)
         u_hat = model.dynamics(z0, z_noisy, actions[:, :H], tau)
-        dynamics_loss = F.mse_loss(u_hat, velocity_target(z_bar, eps, ab))  # Eq. 7
+        # Eq. 7 writes the loss as the norm ||u - u_hat||; the mean squared error is how it is
+        # realised, as in the published implementation (the same minimiser; its gradient shrinks
+        # with the error, where the norm's stays of unit size).
+        dynamics_loss = F.mse_loss(u_hat, velocity_target(z_bar, eps, ab))
         future = reconstruct(z_noisy, u_hat, ab)  # Eq. 1: reward and value see denoised latents
     else:
-        future = model.dynamics(z0, actions[:, :H])  # TD-MPC latent consistency
+        future = model.dynamics(z0, actions[:, :H])  # TD-MPC's latent consistency: roll out, match
         dynamics_loss = F.mse_loss(future, z_bar)
     trajectory = torch.cat([z0.unsqueeze(1), future], dim=1)  # (B, H+1, D)
 
@@ -651,10 +536,6 @@ def compute_losses(model: WorldModel, target: WorldModel, batch: dict, args: Arg
              # sign of the representation drifting (an isotropic Gaussian in 64-d has norm ~8).
              "latent_norm": z0.detach().norm(dim=-1).mean()}
     return total, parts
-
-
-LOSS_NAMES = ("total", "dynamics", "reward", "value", "sigreg")
-UPDATE_STATS = (*LOSS_NAMES, "latent_norm")  # what update() reports, in this order
 
 
 @torch.no_grad()
@@ -678,39 +559,8 @@ def update(model: WorldModel, target: WorldModel, optimizer: torch.optim.Optimiz
 
 
 # =============================================================================================
-# 6. Replay (Algorithm 1 line 12)
+# 7. Replay (Algorithm 1 line 12)
 # =============================================================================================
-TRAJECTORY_KEYS = ("rgb", "proprio", "actions", "rewards", "terminated", "track_seed")
-
-
-def save_trajectory(path: Path, traj: dict) -> None:
-    """One finished trajectory as a compressed .npz, written once and atomically. The zip entries
-    carry a fixed date, so the same trajectory always gives the same bytes (a resumed run can be
-    compared with an uninterrupted one file by file)."""
-    def write(f):
-        with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as archive:
-            for key, value in traj.items():
-                entry = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-                entry.compress_type = zipfile.ZIP_DEFLATED
-                with archive.open(entry, "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
-    atomic_write(path, write)
-
-
-def load_trajectory(path: Path, keys: tuple[str, ...] = ()) -> dict:
-    """An .npz as a dict of arrays (no pickles). A truncated or foreign file, or one without
-    `keys`, is one ValdiError naming it."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            traj = {key: data[key] for key in data.files}
-    except Exception as exc:
-        raise ValdiError(f"cannot read {path}: {type(exc).__name__}: {str(exc)[:120]}") from None
-    missing = [key for key in keys if key not in traj]
-    if missing:
-        raise ValdiError(f"{path} lacks {', '.join(missing)}")
-    return traj
-
-
 class ReplayBuffer:
     """Whole trajectories in preallocated arrays (uint8 frames), oldest overwritten first.
 
@@ -777,7 +627,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 # =============================================================================================
-# 7. CEM planner (Supp. D, Eq. 10)
+# 8. CEM planner (Supp. D, Eq. 10)
 # =============================================================================================
 def trajectory_return(model: WorldModel, latents: torch.Tensor, actions: torch.Tensor,
                       discounts: torch.Tensor) -> torch.Tensor:
@@ -804,7 +654,7 @@ def plan(model: WorldModel, z: torch.Tensor, args: Args, noise_std: float = 0.0,
     std = torch.ones_like(mean)
     # Computed once per plan, not per iteration: the start latent for every candidate, discounts.
     z_pop = z.unsqueeze(1).expand(B, P, D).reshape(B * P, D)
-    discounts = (args.gamma ** c) ** torch.arange(H + 1, device=z.device, dtype=z.dtype)
+    discounts = args.gamma_wm ** torch.arange(H + 1, device=z.device, dtype=z.dtype)
     best_score = torch.full((B,), -torch.inf, device=z.device)
     best = torch.zeros(B, H * c, ENV_ACTION_DIM, device=z.device)
     for _ in range(args.cem_iters):
@@ -834,7 +684,7 @@ def encode_observation(model: WorldModel, obs: dict, device: torch.device) -> to
 
 
 # =============================================================================================
-# 8. Online loop (Algorithm 1, Table 3)
+# 9. Online loop (Algorithm 1, Table 3)
 # =============================================================================================
 def exploration_std(trajectory: int, args: Args) -> float:
     """Table 3: pre-tanh noise 0.25 while seeding and for the next 250 trajectories, then linear
@@ -881,10 +731,228 @@ def collect_trajectory(env: gym.Env, model: WorldModel, args: Args, device: torc
     return traj, stats
 
 
-# --- files: every write is atomic -----------------------------------------------------------
-CHECKPOINT_NAME = "checkpoint.pt"
+def collect_and_learn(run: Run, log: RunLog) -> None:
+    """One pass of Algorithm 1's outer loop: collect a trajectory (lines 4-9), then the updates
+    (lines 10-22), then log and checkpoint. Nothing reaches the disk as 'done' before the check
+    that the losses and weights are finite."""
+    args, k = run.args, run.counters["trajectories"]
+    noise_std = exploration_std(k, args)
+    track_seed = int(run.rng.integers(2**31 - 1))
+    traj, stats = collect_trajectory(run.env, run.model, args, run.device, noise_std, track_seed)
+    save_trajectory(run.trajectory_path(k), traj)
+    run.buffer.add(traj)
+
+    learned = [math.nan] * len(UPDATE_STATS)
+    if k >= args.seed_trajectories and run.buffer.can_sample():  # Algorithm 1 lines 11-22
+        per_update = [update(run.model, run.target, run.optimizer,
+                             to_device(run.buffer.sample(args.batch_size), run.device), args)
+                      for _ in range(args.updates_per_trajectory)]
+        learned = torch.stack(per_update).mean(0).tolist()  # the one sync of the update phase
+        run.counters["updates"] += len(per_update)
+        losses_ok = all(math.isfinite(x) for x in learned)
+        weights_ok = all(torch.isfinite(p).all() for p in (*run.model.parameters(), *run.target.parameters()))
+        if not (losses_ok and weights_ok):
+            raise FloatingPointError(
+                f"non-finite {'weights' if losses_ok else 'loss'} after trajectory {k} "
+                f"({', '.join(f'{n} {v:.4g}' for n, v in zip(UPDATE_STATS, learned))}); stopped before saving "
+                f"them: {run.dir / CHECKPOINT_NAME} holds the run up to trajectory {k - 1}")
+
+    run.counters["trajectories"] += 1
+    run.counters["env_steps"] += stats["length"]
+    run.counters["wall_seconds"] = time.time() - run.wall_start
+    row = {"trajectory": k, "env_steps": run.counters["env_steps"], "return": stats["return"],
+           "length": stats["length"], "explore_std": noise_std,
+           **{f"loss_{n}": v for n, v in zip(LOSS_NAMES, learned)}, "latent_norm": learned[-1],
+           "planner_hz": stats["planner_hz"], "wall_seconds": run.counters["wall_seconds"]}
+    row = {key: ("" if isinstance(v, float) and math.isnan(v) else v) for key, v in row.items()}
+    log.write(row)
+    run.rows.append(row)
+    save_checkpoint(run)  # from here on trajectory k is done
 
 
+def train(args: Args) -> Path:
+    """Algorithm 1: seed trajectories, then alternate one trajectory and N updates. Returns RUN_DIR."""
+    from tqdm import tqdm  # imported here so that importing valdi stays light
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.cuda)
+    run = resume_run(args, device) if args.resume else new_run(args, device)
+    write_json(run.dir / "args.json", dataclasses.asdict(args))
+    if not args.resume:
+        save_checkpoint(run)  # resumable from the first moment: a kill before trajectory 0 loses nothing
+    n_params = count_parameters(run.model)
+    print(f"device {device} | dynamics {args.dynamics} | trainable parameters {n_params['total']:,} "
+          + " ".join(f"({k} {v:,})" for k, v in n_params.items() if k != "total"))
+    print(f"run directory {run.dir}")
+
+    log = RunLog(run)
+    bar = tqdm(total=args.total_trajectories, initial=run.counters["trajectories"], unit="traj",
+               desc="trajectory", dynamic_ncols=True)
+    run.wall_start = time.time() - run.counters["wall_seconds"]
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while run.counters["trajectories"] < args.total_trajectories:
+            collect_and_learn(run, log)
+            last = run.rows[-1]
+            bar.set_postfix(ret=f"{last['return']:.1f}", hz=f"{last['planner_hz']:.1f}")
+            bar.update(1)
+    except KeyboardInterrupt:
+        bar.close()
+        k = run.counters["trajectories"]
+        print(f"\ninterrupted during trajectory {k}: {run.dir / CHECKPOINT_NAME} holds the run up to "
+              f"trajectory {k - 1}; continue with: python valdi.py --resume {run.dir}", file=sys.stderr)
+        raise SystemExit(130)
+    finally:
+        if signal.getsignal(signal.SIGINT) is interrupt:  # not interrupted: hand the handlers back
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        bar.close()
+        log.close()
+        run.env.close()
+    return run.dir
+
+
+# =============================================================================================
+# 10. Infrastructure: command line, files, checkpoints, the run
+# =============================================================================================
+# Not part of the method: the command line, files, checkpoints and the bookkeeping that lets a
+# run of many hours survive Ctrl-C, kill -9 and full disks, and resume as the same run.
+
+
+# --- command line ----------------------------------------------------------------------------
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints the whole usage block on an error; we print the error alone."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """One --flag per Args field. With suppress_defaults, only flags given on the command line
+    appear in the result (used by --resume to know what the user overrides)."""
+    parser = OneLineParser(
+        prog="valdi.py",
+        description="Valdi: Value Diffusion World Models on CarRacing (online training).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS if suppress_defaults else None,
+    )
+    for f in dataclasses.fields(Args):
+        name = "--" + f.name.replace("_", "-")
+        kwargs = {"help": f.metadata["help"]}
+        if not suppress_defaults:
+            kwargs["default"] = f.default
+        if isinstance(f.default, bool):
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, **kwargs)
+        elif f.name == "dynamics":
+            parser.add_argument(name, choices=["diffusion", "mlp"], **kwargs)
+        elif f.name == "resume":
+            parser.add_argument(name, metavar="RUN_DIR", **kwargs)
+        else:
+            parser.add_argument(name, type=type(f.default), **kwargs)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """Flags -> Args. With --resume, the run's saved flags are the base and only the flags
+    given on this command line override them; the flags that fix shapes must not change."""
+    args = Args(**vars(build_parser().parse_args(argv)))  # handles --help and bad flags
+    given = vars(build_parser(suppress_defaults=True).parse_args(argv))
+    if args.resume:
+        run_dir = resolve_run_dir(args.resume)
+        saved = dict(load_checkpoint(run_dir)["args"])
+        for key in SHAPE_FLAGS:
+            if key in given and key in saved and given[key] != saved[key]:
+                raise ValdiError(f"--{key.replace('_', '-')} cannot change on --resume: {run_dir} was trained "
+                                 f"with {saved[key]}, not {given[key]}")
+        saved.update(given, resume=str(run_dir))
+        args = Args(**{f.name: saved.get(f.name, f.default) for f in dataclasses.fields(Args)})
+    check_args(args)
+    return args
+
+
+# Flags that fix the shapes of the networks and of the replay buffer: a resumed run keeps them.
+SHAPE_FLAGS = ("dynamics", "horizon", "action_chunk", "latent_dim", "max_episode_steps")
+
+
+def check_args(args: Args) -> None:
+    """Refuse bad or inconsistent settings before any work starts, naming the flag. Every check is
+    written as 'not (good)' so that a NaN, which fails every comparison, is refused too."""
+    def refuse(key: str, rule: str):
+        raise ValdiError(f"--{key.replace('_', '-')} must be {rule}, got {getattr(args, key)}")
+
+    at_least = {"total_trajectories": 1, "seed_trajectories": 1, "max_episode_steps": 1,
+                "updates_per_trajectory": 1, "batch_size": 1, "buffer_size": 1, "horizon": 1,
+                "action_chunk": 1, "latent_dim": 1, "pop_size": 1, "num_elites": 1, "cem_iters": 1,
+                "diffusion_steps": 1, "sigreg_slices": 1, "sigreg_points": 2, "seed": 0, "threads": 0,
+                "explore_hold": 0, "explore_decay": 0}
+    for key, low in at_least.items():
+        if not getattr(args, key) >= low:
+            refuse(key, f"at least {low}")
+    for key in ("gamma", "lr"):  # a discount and a step size: (0, 1]
+        if not 0 < getattr(args, key) <= 1:
+            refuse(key, "in (0, 1]")
+    for key in ("ema_tau", "sigreg_coef"):  # Eq. 9 weighs the task losses by 1 - lambda_reg
+        if not 0 <= getattr(args, key) <= 1:
+            refuse(key, "in [0, 1]")
+    for key in ("diffusion_coef", "reward_coef", "value_coef", "explore_std_max", "explore_std_min"):
+        if not 0 <= getattr(args, key) < math.inf:
+            refuse(key, "non-negative and finite")
+    if not 0 < args.grad_clip < math.inf:
+        refuse("grad_clip", "positive and finite")
+    segment = args.action_chunk * (args.horizon + 1)  # env steps spanned by one replay segment
+    problems = [
+        (args.dynamics not in ("diffusion", "mlp"), f"unknown dynamics {args.dynamics!r} (diffusion or mlp)"),
+        (args.num_elites > args.pop_size, f"--num-elites {args.num_elites} exceeds --pop-size {args.pop_size}"),
+        (args.max_episode_steps < segment,
+         f"--max-episode-steps {args.max_episode_steps} is shorter than one replay segment "
+         f"({segment} env steps = action chunk x (horizon + 1))"),
+        (args.max_episode_steps % args.action_chunk != 0,
+         f"--max-episode-steps {args.max_episode_steps} is not a multiple of --action-chunk {args.action_chunk}"),
+        (args.diffusion_steps > DIFFUSION_T, f"--diffusion-steps must be at most {DIFFUSION_T}"),
+        (TOKEN_WIDTH - TAU_EMBED_DIM - ENV_ACTION_DIM * args.action_chunk - args.latent_dim < 1,
+         f"--latent-dim {args.latent_dim} leaves no room in the {TOKEN_WIDTH}-wide transformer token"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise ValdiError(message)
+    need, have = replay_bytes(args), available_memory()
+    if have is not None and need > have:
+        raise ValdiError(f"the replay buffer needs {need / 1e9:.1f} GB ({min(args.buffer_size, args.total_trajectories)} "
+                         f"trajectories of {args.max_episode_steps + 1} frames) but {have / 1e9:.1f} GB of memory is "
+                         f"available: lower --buffer-size")
+
+
+def replay_bytes(args: Args) -> int:
+    """Memory the replay buffer fills once it holds min(--buffer-size, --total-trajectories)
+    trajectories: uint8 frames dominate (96 * 96 * 3 bytes each, 16.6 GB at the paper's 1000 x 601)."""
+    frames = args.max_episode_steps + 1
+    per_trajectory = (frames * (96 * 96 * 3 + 4 * PROPRIO_DIM)
+                      + args.max_episode_steps * 4 * (ENV_ACTION_DIM + 1) + 8 + 1)
+    return min(args.buffer_size, args.total_trajectories) * per_trajectory
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the OS can still give us (Linux MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def pick_device(cuda: bool = True) -> torch.device:
+    """CUDA when present and allowed (--cuda, the default), else CPU: the same code runs on both."""
+    if cuda and torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+# --- files: every write is atomic ------------------------------------------------------------
 def atomic_write(path: Path, write) -> None:
     """write(f) into a temporary file beside `path`, flush it to disk, then rename it over `path`.
     A crash, a kill or a full disk at any moment leaves either the old file or the new one, never
@@ -902,6 +970,26 @@ def atomic_write(path: Path, write) -> None:
         if isinstance(exc, OSError):
             raise ValdiError(f"cannot write {path}: {exc.strerror or exc}") from None
         raise
+
+
+def write_json(path: Path, data) -> Path:
+    """Atomic JSON; NaN and infinity, which JSON lacks, become null."""
+    def plain(x):
+        if isinstance(x, dict):
+            return {str(k): plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        if isinstance(x, (float, np.floating)):
+            return float(x) if math.isfinite(x) else None
+        if isinstance(x, np.integer):
+            return int(x)
+        return str(x) if isinstance(x, Path) else x
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValdiError(f"cannot write {path}: {exc.strerror or exc}") from None
+    atomic_write(path, lambda f: f.write(json.dumps(plain(data), indent=2).encode()))
+    return Path(path)
 
 
 def atomic_torch_save(obj, path: Path) -> None:
@@ -924,6 +1012,41 @@ def safe_torch_load(path: Path, what: str, map_location: str | torch.device = "c
         raise ValdiError(f"cannot read {what} {path}: {first[:160]}") from None
 
 
+TRAJECTORY_KEYS = ("rgb", "proprio", "actions", "rewards", "terminated", "track_seed")
+
+
+def save_trajectory(path: Path, traj: dict) -> None:
+    """One finished trajectory as a compressed .npz, written once and atomically. The zip entries
+    carry a fixed date, so the same trajectory always gives the same bytes (a resumed run can be
+    compared with an uninterrupted one file by file)."""
+    def write(f):
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as archive:
+            for key, value in traj.items():
+                entry = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                entry.compress_type = zipfile.ZIP_DEFLATED
+                with archive.open(entry, "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+    atomic_write(path, write)
+
+
+def load_trajectory(path: Path, keys: tuple[str, ...] = ()) -> dict:
+    """An .npz as a dict of arrays (no pickles). A truncated or foreign file, or one without
+    `keys`, is one ValdiError naming it."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            traj = {key: data[key] for key in data.files}
+    except Exception as exc:
+        raise ValdiError(f"cannot read {path}: {type(exc).__name__}: {str(exc)[:120]}") from None
+    missing = [key for key in keys if key not in traj]
+    if missing:
+        raise ValdiError(f"{path} lacks {', '.join(missing)}")
+    return traj
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
 CHECKPOINT_KEYS = ("args", "model", "target", "optimizer", "counters", "rng")
 
 
@@ -933,9 +1056,11 @@ def resolve_run_dir(path: str | Path) -> Path:
     return path.parent if path.name == CHECKPOINT_NAME and path.is_file() else path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                    required: tuple[str, ...] = CHECKPOINT_KEYS) -> dict:
     """Read RUN_DIR/checkpoint.pt (or a .pt path) safely (weights_only). Any problem is one
-    clear ValdiError."""
+    clear ValdiError. Evaluation needs only the flags and the model (`required`), so a file of
+    just those two, a tenth of the size, is a usable run too."""
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
@@ -944,7 +1069,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     state = safe_torch_load(path, "checkpoint", map_location)
     if not isinstance(state, dict) or state.get("valdi_checkpoint") != 1:
         raise ValdiError(f"{path} is not a Valdi checkpoint")
-    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    missing = [key for key in required if key not in state]
     if missing:
         raise ValdiError(f"{path} is not a complete Valdi checkpoint (it lacks {', '.join(missing)})")
     return state
@@ -958,13 +1083,13 @@ def load_weights(module: nn.Module, weights: dict, path) -> None:
     try:
         module.load_state_dict(weights)
     except (RuntimeError, KeyError, TypeError, ValueError):
-        raise ValdiError(f"{path}: its weights do not fit the model its flags describe") from None
+        raise ValdiError(f"{path}: its weights do not fit the model (other flags or another model)") from None
 
 
 def load_run(path: str | Path, device: torch.device | str = "cpu", dynamics: str | None = None):
     """Load a run's checkpoint for evaluation: returns (args, model). With `dynamics`, refuse a
     checkpoint of the other kind."""
-    state = load_checkpoint(path, map_location=device)
+    state = load_checkpoint(path, map_location=device, required=("args", "model"))
     args = args_from_checkpoint(state)
     if dynamics is not None and args.dynamics != dynamics:
         raise ValdiError(f"{path} holds a '{args.dynamics}' model, not '{dynamics}'")
@@ -973,7 +1098,22 @@ def load_run(path: str | Path, device: torch.device | str = "cpu", dynamics: str
     return args, model.eval()
 
 
-# --- the run: everything training needs, fresh or resumed ----------------------------------------
+def save_checkpoint(run: Run) -> None:
+    """Everything needed to continue, RNG states included, written atomically."""
+    state = {
+        "valdi_checkpoint": 1,
+        "args": dataclasses.asdict(run.args),
+        "model": run.model.state_dict(),
+        "target": run.target.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "counters": dict(run.counters),
+        "rng": {"numpy": run.rng.bit_generator.state, "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    }
+    atomic_torch_save(state, run.dir / CHECKPOINT_NAME)
+
+
+# --- the run: fresh or resumed, and its log --------------------------------------------------
 CSV_FIELDS = ["trajectory", "env_steps", "return", "length", "explore_std",
               *(f"loss_{name}" for name in LOSS_NAMES), "latent_norm", "planner_hz", "wall_seconds"]
 
@@ -1028,21 +1168,6 @@ def new_run_dir(args: Args) -> Path:
         raise ValdiError(f"cannot create a run directory in --runs-dir {args.runs_dir}: "
                          f"{exc.strerror or exc}") from None
     return run_dir
-
-
-def save_checkpoint(run: Run) -> None:
-    """Everything needed to continue, RNG states included, written atomically."""
-    state = {
-        "valdi_checkpoint": 1,
-        "args": dataclasses.asdict(run.args),
-        "model": run.model.state_dict(),
-        "target": run.target.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "counters": dict(run.counters),
-        "rng": {"numpy": run.rng.bit_generator.state, "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-    }
-    atomic_torch_save(state, run.dir / CHECKPOINT_NAME)
 
 
 def resume_run(args: Args, device: torch.device) -> Run:
@@ -1158,89 +1283,12 @@ def csv_text(rows: list[dict], header: bool = False) -> str:
     return out.getvalue()
 
 
-# --- the loop -----------------------------------------------------------------------------------
-def collect_and_learn(run: Run, log: RunLog) -> None:
-    """One pass of Algorithm 1's outer loop: collect a trajectory (lines 4-9), then the updates
-    (lines 10-22), then log and checkpoint. Nothing reaches the disk as 'done' before the check
-    that the losses and weights are finite."""
-    args, k = run.args, run.counters["trajectories"]
-    noise_std = exploration_std(k, args)
-    track_seed = int(run.rng.integers(2**31 - 1))
-    traj, stats = collect_trajectory(run.env, run.model, args, run.device, noise_std, track_seed)
-    save_trajectory(run.trajectory_path(k), traj)
-    run.buffer.add(traj)
-
-    learned = [math.nan] * len(UPDATE_STATS)
-    if k >= args.seed_trajectories and run.buffer.can_sample():  # Algorithm 1 lines 11-22
-        per_update = [update(run.model, run.target, run.optimizer,
-                             to_device(run.buffer.sample(args.batch_size), run.device), args)
-                      for _ in range(args.updates_per_trajectory)]
-        learned = torch.stack(per_update).mean(0).tolist()  # the one sync of the update phase
-        run.counters["updates"] += len(per_update)
-        losses_ok = all(math.isfinite(x) for x in learned)
-        weights_ok = all(torch.isfinite(p).all() for p in (*run.model.parameters(), *run.target.parameters()))
-        if not (losses_ok and weights_ok):
-            raise FloatingPointError(
-                f"non-finite {'weights' if losses_ok else 'loss'} after trajectory {k} "
-                f"({', '.join(f'{n} {v:.4g}' for n, v in zip(UPDATE_STATS, learned))}); stopped before saving "
-                f"them: {run.dir / CHECKPOINT_NAME} holds the run up to trajectory {k - 1}")
-
-    run.counters["trajectories"] += 1
-    run.counters["env_steps"] += stats["length"]
-    run.counters["wall_seconds"] = time.time() - run.wall_start
-    row = {"trajectory": k, "env_steps": run.counters["env_steps"], "return": stats["return"],
-           "length": stats["length"], "explore_std": noise_std,
-           **{f"loss_{n}": v for n, v in zip(LOSS_NAMES, learned)}, "latent_norm": learned[-1],
-           "planner_hz": stats["planner_hz"], "wall_seconds": run.counters["wall_seconds"]}
-    row = {key: ("" if isinstance(v, float) and math.isnan(v) else v) for key, v in row.items()}
-    log.write(row)
-    run.rows.append(row)
-    save_checkpoint(run)  # from here on trajectory k is done
-
-
-def train(args: Args) -> Path:
-    """Algorithm 1: seed trajectories, then alternate one trajectory and N updates. Returns RUN_DIR."""
-    from tqdm import tqdm  # imported here so that importing valdi stays light
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.cuda)
-    run = resume_run(args, device) if args.resume else new_run(args, device)
-    atomic_write(run.dir / "args.json", lambda f: f.write(json.dumps(dataclasses.asdict(args), indent=2).encode()))
-    if not args.resume:
-        save_checkpoint(run)  # resumable from the first moment: a kill before trajectory 0 loses nothing
-    n_params = count_parameters(run.model)
-    print(f"device {device} | dynamics {args.dynamics} | trainable parameters {n_params['total']:,} "
-          + " ".join(f"({k} {v:,})" for k, v in n_params.items() if k != "total"))
-    print(f"run directory {run.dir}")
-
-    log = RunLog(run)
-    bar = tqdm(total=args.total_trajectories, initial=run.counters["trajectories"], unit="traj",
-               desc="trajectory", dynamic_ncols=True)
-    run.wall_start = time.time() - run.counters["wall_seconds"]
-    previous_sigterm = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        while run.counters["trajectories"] < args.total_trajectories:
-            collect_and_learn(run, log)
-            last = run.rows[-1]
-            bar.set_postfix(ret=f"{last['return']:.1f}", hz=f"{last['planner_hz']:.1f}")
-            bar.update(1)
-    except KeyboardInterrupt:
-        bar.close()
-        k = run.counters["trajectories"]
-        print(f"\ninterrupted during trajectory {k}: {run.dir / CHECKPOINT_NAME} holds the run up to "
-              f"trajectory {k - 1}; continue with: python valdi.py --resume {run.dir}", file=sys.stderr)
-        raise SystemExit(130)
-    finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
-        bar.close()
-        log.close()
-        run.env.close()
-    return run.dir
-
-
 def interrupt(signum, frame):
-    """A scheduler's SIGTERM is handled like Ctrl-C."""
+    """Ctrl-C, and a scheduler's SIGTERM, stop the run. Nothing needs saving (the checkpoint
+    after the last finished trajectory is on disk), and a second Ctrl-C while we close the
+    files is ignored rather than turned into a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
