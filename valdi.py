@@ -731,83 +731,50 @@ def collect_trajectory(env: gym.Env, model: WorldModel, args: Args, device: torc
     return traj, stats
 
 
-def collect_and_learn(run: Run, log: RunLog) -> None:
-    """One pass of Algorithm 1's outer loop: collect a trajectory (lines 4-9), then the updates
-    (lines 10-22), then log and checkpoint. Nothing reaches the disk as 'done' before the check
-    that the losses and weights are finite."""
-    args, k = run.args, run.counters["trajectories"]
-    noise_std = exploration_std(k, args)
-    track_seed = int(run.rng.integers(2**31 - 1))
-    traj, stats = collect_trajectory(run.env, run.model, args, run.device, noise_std, track_seed)
-    save_trajectory(run.trajectory_path(k), traj)
-    run.buffer.add(traj)
-
-    learned = [math.nan] * len(UPDATE_STATS)
-    if k >= args.seed_trajectories and run.buffer.can_sample():  # Algorithm 1 lines 11-22
-        per_update = [update(run.model, run.target, run.optimizer,
-                             to_device(run.buffer.sample(args.batch_size), run.device), args)
-                      for _ in range(args.updates_per_trajectory)]
-        learned = torch.stack(per_update).mean(0).tolist()  # the one sync of the update phase
-        run.counters["updates"] += len(per_update)
-        losses_ok = all(math.isfinite(x) for x in learned)
-        weights_ok = all(torch.isfinite(p).all() for p in (*run.model.parameters(), *run.target.parameters()))
-        if not (losses_ok and weights_ok):
-            raise FloatingPointError(
-                f"non-finite {'weights' if losses_ok else 'loss'} after trajectory {k} "
-                f"({', '.join(f'{n} {v:.4g}' for n, v in zip(UPDATE_STATS, learned))}); stopped before saving "
-                f"them: {run.dir / CHECKPOINT_NAME} holds the run up to trajectory {k - 1}")
-
-    run.counters["trajectories"] += 1
-    run.counters["env_steps"] += stats["length"]
-    run.counters["wall_seconds"] = time.time() - run.wall_start
-    row = {"trajectory": k, "env_steps": run.counters["env_steps"], "return": stats["return"],
-           "length": stats["length"], "explore_std": noise_std,
-           **{f"loss_{n}": v for n, v in zip(LOSS_NAMES, learned)}, "latent_norm": learned[-1],
-           "planner_hz": stats["planner_hz"], "wall_seconds": run.counters["wall_seconds"]}
-    row = {key: ("" if isinstance(v, float) and math.isnan(v) else v) for key, v in row.items()}
-    log.write(row)
-    run.rows.append(row)
-    save_checkpoint(run)  # from here on trajectory k is done
+def learn(run: Run) -> list[float]:
+    """Algorithm 1 lines 11-22: N updates on segments sampled uniformly from the replay buffer.
+    Returns the mean of UPDATE_STATS over them; stops the run, before anything is saved, if a
+    loss or a weight is no longer finite."""
+    args = run.args
+    per_update = [update(run.model, run.target, run.optimizer,
+                         to_device(run.buffer.sample(args.batch_size), run.device), args)
+                  for _ in range(args.updates_per_trajectory)]
+    run.counters["updates"] += len(per_update)
+    learned = torch.stack(per_update).mean(0).tolist()  # the one sync of the update phase
+    losses_ok = all(math.isfinite(x) for x in learned)
+    weights_ok = all(torch.isfinite(p).all() for p in (*run.model.parameters(), *run.target.parameters()))
+    if not (losses_ok and weights_ok):
+        k = run.counters["trajectories"]
+        raise FloatingPointError(
+            f"non-finite {'weights' if losses_ok else 'loss'} after trajectory {k} "
+            f"({', '.join(f'{n} {v:.4g}' for n, v in zip(UPDATE_STATS, learned))}); stopped before saving "
+            f"them: {run.dir / CHECKPOINT_NAME} holds the run up to trajectory {k - 1}")
+    return learned
 
 
 def train(args: Args) -> Path:
-    """Algorithm 1: seed trajectories, then alternate one trajectory and N updates. Returns RUN_DIR."""
-    from tqdm import tqdm  # imported here so that importing valdi stays light
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.cuda)
-    run = resume_run(args, device) if args.resume else new_run(args, device)
-    write_json(run.dir / "args.json", dataclasses.asdict(args))
-    if not args.resume:
-        save_checkpoint(run)  # resumable from the first moment: a kill before trajectory 0 loses nothing
-    n_params = count_parameters(run.model)
-    print(f"device {device} | dynamics {args.dynamics} | trainable parameters {n_params['total']:,} "
-          + " ".join(f"({k} {v:,})" for k, v in n_params.items() if k != "total"))
-    print(f"run directory {run.dir}")
-
-    log = RunLog(run)
-    bar = tqdm(total=args.total_trajectories, initial=run.counters["trajectories"], unit="traj",
-               desc="trajectory", dynamic_ncols=True)
-    run.wall_start = time.time() - run.counters["wall_seconds"]
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    """Algorithm 1: seed trajectories planned by the untrained model, then alternate one
+    trajectory and N updates. Returns RUN_DIR."""
+    run, log = start_run(args)  # fresh, or resumed exactly where its checkpoint left it
     try:
         while run.counters["trajectories"] < args.total_trajectories:
-            collect_and_learn(run, log)
-            last = run.rows[-1]
-            bar.set_postfix(ret=f"{last['return']:.1f}", hz=f"{last['planner_hz']:.1f}")
-            bar.update(1)
+            k = run.counters["trajectories"]
+            noise_std = exploration_std(k, args)
+            # Lines 4-9: one episode with the MPC policy on a fresh track, stored whole.
+            traj, stats = collect_trajectory(run.env, run.model, args, run.device, noise_std,
+                                             track_seed=int(run.rng.integers(2**31 - 1)))
+            save_trajectory(run.trajectory_path(k), traj)
+            run.buffer.add(traj)
+            # Lines 10-22: updates, none while seeding (Table 3: 10 seed trajectories).
+            learned = learn(run) if k >= args.seed_trajectories and run.buffer.can_sample() else None
+            finish_trajectory(run, log, stats, noise_std, learned)  # log it, then checkpoint
     except KeyboardInterrupt:
-        bar.close()
         k = run.counters["trajectories"]
+        log.bar.close()
         print(f"\ninterrupted during trajectory {k}: {run.dir / CHECKPOINT_NAME} holds the run up to "
               f"trajectory {k - 1}; continue with: python valdi.py --resume {run.dir}", file=sys.stderr)
         raise SystemExit(130)
     finally:
-        if signal.getsignal(signal.SIGINT) is interrupt:  # not interrupted: hand the handlers back
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        bar.close()
         log.close()
         run.env.close()
     return run.dir
@@ -1246,17 +1213,57 @@ def read_progress_rows(path: Path, done: int) -> list[dict]:
     return [rows[k] for k in sorted(rows)]
 
 
+def start_run(args: Args) -> tuple[Run, RunLog]:
+    """Everything before Algorithm 1's loop: threads, device, the run (fresh or resumed), its
+    first checkpoint, the log, and Ctrl-C / SIGTERM handling."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.cuda)
+    run = resume_run(args, device) if args.resume else new_run(args, device)
+    write_json(run.dir / "args.json", dataclasses.asdict(args))
+    if not args.resume:
+        save_checkpoint(run)  # resumable from the first moment: a kill before trajectory 0 loses nothing
+    n_params = count_parameters(run.model)
+    print(f"device {device} | dynamics {args.dynamics} | trainable parameters {n_params['total']:,} "
+          + " ".join(f"({k} {v:,})" for k, v in n_params.items() if k != "total"))
+    print(f"run directory {run.dir}")
+    run.wall_start = time.time() - run.counters["wall_seconds"]
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupt)
+    return run, RunLog(run)
+
+
+def finish_trajectory(run: Run, log: RunLog, stats: dict, noise_std: float, learned: list[float] | None) -> None:
+    """Count the trajectory, write its progress.csv row, then the checkpoint: from that moment it
+    is done, and a resume starts after it."""
+    k = run.counters["trajectories"]
+    run.counters["trajectories"] += 1
+    run.counters["env_steps"] += stats["length"]
+    run.counters["wall_seconds"] = time.time() - run.wall_start
+    learned = learned or [""] * len(UPDATE_STATS)  # seed trajectories: no updates, empty cells
+    row = {"trajectory": k, "env_steps": run.counters["env_steps"], "return": stats["return"],
+           "length": stats["length"], "explore_std": noise_std,
+           **{f"loss_{n}": v for n, v in zip(LOSS_NAMES, learned)}, "latent_norm": learned[-1],
+           "planner_hz": stats["planner_hz"], "wall_seconds": run.counters["wall_seconds"]}
+    log.write(row)
+    run.rows.append(row)
+    save_checkpoint(run)
+
+
 class RunLog:
     """RUN_DIR/progress.csv, one row per trajectory, appended and flushed before the checkpoint
-    that counts it; and the same scalars in TensorBoard in RUN_DIR. On resume the CSV is
-    rewritten with the rows the checkpoint counts, and TensorBoard drops later steps."""
+    that counts it; the same scalars in TensorBoard in RUN_DIR; and the progress bar. On resume
+    the CSV is rewritten with the rows the checkpoint counts, and TensorBoard drops later steps."""
 
     def __init__(self, run: Run):
         from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm  # imported here so that importing valdi stays light
         path = run.dir / "progress.csv"
         atomic_write(path, lambda f: f.write(csv_text(run.rows, header=True).encode()))
         self.file = open(path, "a", newline="")
         self.tensorboard = SummaryWriter(str(run.dir), purge_step=run.counters["trajectories"] or None)
+        self.bar = tqdm(total=run.args.total_trajectories, initial=run.counters["trajectories"], unit="traj",
+                        desc="trajectory", dynamic_ncols=True)
 
     def write(self, row: dict) -> None:
         try:
@@ -1268,8 +1275,11 @@ class RunLog:
             if key != "trajectory" and value != "":
                 tag = f"losses/{key[5:]}" if key.startswith("loss_") else f"charts/{key}"
                 self.tensorboard.add_scalar(tag, value, row["trajectory"])
+        self.bar.set_postfix(ret=f"{row['return']:.1f}", hz=f"{row['planner_hz']:.1f}")
+        self.bar.update(1)
 
     def close(self) -> None:
+        self.bar.close()
         self.tensorboard.close()
         self.file.close()
 
@@ -1293,6 +1303,7 @@ def interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         args = parse_args(argv)
         run_dir = train(args)
@@ -1305,6 +1316,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # before the loop started: nothing of the run is lost
         print("valdi.py: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if signal.getsignal(signal.SIGINT) is interrupt:  # not interrupted: hand the handlers back
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
     print(f"done: {run_dir}")
     return 0
 
