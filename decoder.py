@@ -233,20 +233,10 @@ def train(opts) -> Path:
 
     device = valdi.pick_device(opts.cuda)
     args, model = valdi.load_run(opts.run_dir, device)
-    data = load_dataset(opts.run_dir)
-    is_val = data["is_val"].astype(bool)
-    train_idx, val_idx = np.flatnonzero(~is_val), np.flatnonzero(is_val)
-    if len(train_idx) == 0 or len(val_idx) == 0:
-        raise ValdiError("the dataset needs both training and validation episodes; collect with --episodes >= 2")
-    model.requires_grad_(False)  # frozen: the decoder explains the latents, never reshapes them
+    data, latents, train_idx, val_idx = frozen_latents(opts, model, device)
+    rgb = torch.from_numpy(data["rgb"])  # stays on the host as uint8; batches travel
     torch.manual_seed(opts.seed)
     generator = torch.Generator().manual_seed(opts.seed)
-
-    # .clone() turns the inference-mode result into an ordinary tensor that autograd may read
-    # (it still carries no gradient: the encoder is out of the decoder's graph for good).
-    latents = encode_frames(model, data["rgb"], data["proprio"], device, desc="encode").clone()
-    rgb = torch.from_numpy(data["rgb"])  # stays on the host as uint8; batches travel
-    val_idx = val_idx[evenly_spaced(len(val_idx), opts.val_max_frames)]
 
     decoder = ViTDecoder(args.latent_dim).to(device)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=opts.lr)
@@ -254,18 +244,8 @@ def train(opts) -> Path:
     log_path = out / "train_log.csv"
     history = {"step": [], "train_loss": [], "val_loss": []}
 
-    @torch.inference_mode()
-    def validation_loss() -> float:
-        decoder.eval()
-        total = 0.0
-        for chunk in torch.from_numpy(val_idx).split(opts.batch_size):
-            target = frames_to_float(rgb[chunk].to(device))
-            total += F.mse_loss(decoder(latents[chunk.to(device)]), target, reduction="sum").item()
-        decoder.train()
-        return total / (len(val_idx) * 3 * IMAGE_SIZE * IMAGE_SIZE)  # per pixel and channel
-
     def record(step: int, train_loss: float) -> None:
-        val = validation_loss()
+        val = validation_loss(decoder, latents, rgb, val_idx, opts.batch_size)
         for key, value in zip(history, (step, train_loss, val)):
             history[key].append(value)
         lines = [",".join(history)] + [",".join(map(str, row)) for row in zip(*history.values())]
@@ -302,13 +282,40 @@ def train(opts) -> Path:
     # Look at it: validation frames (top) above the decoder's reading of their latents (bottom).
     show = val_idx[evenly_spaced(len(val_idx), opts.num_images)]
     recon = decode(decoder.eval(), latents[torch.from_numpy(show).to(device)])
-    png = out / "reconstructions.png"
-    save_grid(png, [to_hwc(frames_to_float(rgb[show])), to_hwc(recon)],
+    save_grid(out / "reconstructions.png", [to_hwc(frames_to_float(rgb[show])), to_hwc(recon)],
               row_labels=["validation frame", "decoded E(frame)"],
               col_titles=[f"ep {data['episode'][i]} t={data['step'][i]}" for i in show],
               title=f"decoder reconstructions (validation MSE {history['val_loss'][-1]:.4f})")
-    print(f"reconstructions -> {png}")
+    print(f"reconstructions -> {out / 'reconstructions.png'}")
     return out / DECODER_NAME
+
+
+@torch.inference_mode()
+def validation_loss(decoder: ViTDecoder, latents: torch.Tensor, rgb: torch.Tensor, val_idx: np.ndarray,
+                    batch_size: int) -> float:
+    """Pixel MSE of the decoder on the validation frames, per pixel and channel."""
+    decoder.eval()
+    total = 0.0
+    for chunk in torch.from_numpy(val_idx).split(batch_size):
+        target = frames_to_float(rgb[chunk].to(latents.device))
+        total += F.mse_loss(decoder(latents[chunk.to(latents.device)]), target, reduction="sum").item()
+    decoder.train()
+    return total / (len(val_idx) * 3 * IMAGE_SIZE * IMAGE_SIZE)
+
+
+def frozen_latents(opts, model: valdi.WorldModel, device: torch.device):
+    """The dataset, the frozen encoder's latent of every frame, and the frame indices of the
+    training episodes and of (at most --val-max-frames of) the validation episodes."""
+    data = load_dataset(opts.run_dir)
+    is_val = data["is_val"].astype(bool)
+    train_idx, val_idx = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    if len(train_idx) == 0 or len(val_idx) == 0:
+        raise ValdiError("the dataset needs both training and validation episodes; collect with --episodes >= 2")
+    model.requires_grad_(False)  # frozen: the decoder explains the latents, never reshapes them
+    # .clone() turns the inference-mode result into an ordinary tensor that autograd may read
+    # (it still carries no gradient: the encoder is out of the decoder's graph for good).
+    latents = encode_frames(model, data["rgb"], data["proprio"], device, desc="encode").clone()
+    return data, latents, train_idx, val_idx[evenly_spaced(len(val_idx), opts.val_max_frames)]
 
 
 # =============================================================================================

@@ -934,8 +934,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DDIM steps for planning and imagination (default: the run's own)")
     p.set_defaults(func=cmd_grounding)
 
+    add_speed_and_plot(command, [device], [runs])
+    return parser
+
+
+def add_speed_and_plot(command, device: list, runs: list) -> None:
     defaults = valdi.Args()
-    p = command("speed", "planner and update throughput, FLOPs and hardware efficiency (Supp. D)", [device])
+    p = command("speed", "planner and update throughput, FLOPs and hardware efficiency (Supp. D)", device)
     p.add_argument("--dynamics", nargs="+", choices=["diffusion", "mlp"], default=["diffusion", "mlp"],
                    help="which dynamics to measure")
     p.add_argument("--pop-size", type=positive_int, default=defaults.pop_size, help="CEM population")
@@ -951,11 +956,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_speed)
 
     p = command("plot", "Figure 4 (training returns) and Figure 3 left (return and LPIPS vs diffusion steps)",
-                [runs])
+                runs)
     p.add_argument("--out-dir", default=None, help="where the PNGs go (default: FIRST_RUN/eval)")
     p.add_argument("--window", type=positive_int, default=50, help="moving-average window in trajectories")
     p.set_defaults(func=cmd_plot)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
