@@ -48,7 +48,7 @@ DECODER_NAME = "decoder.pt"
 IMAGE_SIZE = 96  # CarRacing frames are 96 x 96 RGB (Supp. E)
 
 # Fig. 3 (right), mean pairwise LPIPS of decoded final states, read off the published figure
-# (facts file, "Figure 3"). Printed next to our numbers; comparable only with the pretrained
+# (Sec. 4, Fig. 3 right). Printed next to our numbers; comparable only with the pretrained
 # AlexNet LPIPS and a fully trained agent.
 PAPER_LPIPS = {1: 0.006, 2: 0.025, 4: 0.033, 8: 0.039}
 
@@ -71,7 +71,7 @@ class ViTDecoder(nn.Module):
     read out as its 4 x 4 x 3 = 48 pixels, squashed into [0, 1] by a sigmoid (the encoder's input
     range before its ImageNet normalisation), and the patches are folded back into the image.
 
-    Parameters (tested exactly; facts file: 1,750,784):
+    Parameters (tested exactly: 1,750,784):
       embed 64*256 = 16,384 | position 576*256 = 147,456 | 3 blocks x 524,800 = 1,574,400
       | final LayerNorm 256 | readout 256*48 = 12,288
     """

@@ -43,7 +43,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 import decoder
 import valdi
@@ -103,7 +102,7 @@ def load_runs(paths: list[str], device: torch.device, overrides: dict | None = N
 
 
 def planner_overrides(ns: argparse.Namespace) -> dict:
-    return {"pop_size": ns.pop_size, "num_elites": ns.num_elites, "cem_iters": ns.cem_iters}
+    return {"pop_size": ns.pop_size, "num_elites": ns.num_elites, "cem_iters": ns.cem_iters, "precision": ns.precision}
 
 
 def new_generator(device: torch.device, seed: int) -> torch.Generator:
@@ -139,7 +138,7 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 
 def planner_settings(args: valdi.Args) -> dict:
     """The planner an evaluation used, recorded with its numbers."""
-    return {k: getattr(args, k) for k in ("pop_size", "num_elites", "cem_iters", "horizon")}
+    return {k: getattr(args, k) for k in ("pop_size", "num_elites", "cem_iters", "horizon", "precision")}
 
 
 def read_json(path: Path) -> dict:
@@ -488,79 +487,15 @@ def cmd_grounding(ns: argparse.Namespace) -> int:
 
 
 # =============================================================================================
-# 5. speed: planner and update throughput, FLOPs, hardware efficiency (Supp. D "Inference Cost")
+# 5. speed: planner, acting and update rates, eager or compiled, fp32 or bf16 (Supp. D)
 # =============================================================================================
-# FLOPs are counted from the layer shapes of the actual modules, not from a profiler, so the
-# count is exact for what it includes and says plainly what it leaves out:
-#   counted:  every nn.Linear (2 * in * out per row: one multiply and one add per weight),
-#             every nn.Conv2d (2 * in_channels * k_h * k_w * out_channels per output pixel),
-#             the two attention matmuls (Q K^T and softmax(.) V: 2 * L * L * width each per
-#             sequence, summed over heads), SIGReg's projection matmul.
-#   ignored:  biases, LayerNorm, GELU, softmax, tanh, embeddings lookups, concatenations, the
-#             DDIM update arithmetic, CEM's top-k/mean/std, SIGReg's cos/sin, gradient clipping,
-#             Adam and the EMA (all elementwise or O(parameters), small next to the matmuls).
-#   backward: 2x the forward of every layer run with gradient (input and weight gradients), so
-#             a trained layer costs 3x its forward; layers run without gradient (target network,
-#             TD bootstrap) cost 1x. The first conv does not need its input gradient; we count
-#             it anyway (a small overestimate).
-
-def linear_flops(module: nn.Module) -> int:
-    """FLOPs of pushing ONE row through every nn.Linear inside `module` once."""
-    return sum(2 * m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
-
-
-def encoder_flops(encoder: valdi.Encoder, image_size: int = 96) -> int:
-    """FLOPs of encoding ONE observation: the conv stack (spatial size followed layer by layer,
-    96 -> 32 -> 16 -> 8 -> 4 -> 1) plus every Linear (pixel embedding, proprio MLP, fused head)."""
-    flops, size = 0, image_size
-    for m in encoder.pixels:
-        if isinstance(m, nn.Conv2d):
-            size = (size + 2 * m.padding[0] - m.kernel_size[0]) // m.stride[0] + 1
-            per_pixel = 2 * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-            flops += per_pixel * size * size
-    return flops + linear_flops(encoder)
-
-
-def dynamics_flops(model: valdi.WorldModel, horizon: int) -> int:
-    """FLOPs of ONE forward pass of the dynamics for one action sequence of `horizon` chunks.
-
-    Valdi: one denoiser call on H + 1 tokens (the condition and H futures): every Linear of the
-    blocks on each token, attention over all token pairs, the readout on the H future tokens.
-    A sample with n DDIM steps is n such calls. MLP: H autoregressive calls of f on one row."""
-    dyn = model.dynamics
-    if isinstance(dyn, valdi.DiffusionDynamics):
-        tokens = horizon + 1
-        width = dyn.blocks[0].qkv.in_features
-        blocks = sum(linear_flops(b) for b in dyn.blocks) * tokens
-        attention = len(dyn.blocks) * 2 * (2 * tokens * tokens * width)  # Q K^T and A V
-        return blocks + attention + linear_flops(dyn.readout) * horizon
-    return horizon * linear_flops(dyn.f)
-
-
-def plan_flops(model: valdi.WorldModel, args: valdi.Args, diffusion_steps: int = 1, batch: int = 1) -> int:
-    """FLOPs of one valdi.plan call from `batch` start latents. Each CEM iteration imagines the
-    whole population (n DDIM steps for Valdi, H steps of the MLP), scores it by Eq. 10 (reward on
-    H latents, both value heads on the last) and refits (ignored)."""
-    n = batch * args.pop_size
-    imagine = dynamics_flops(model, args.horizon) * (diffusion_steps if model.kind == "diffusion" else 1)
-    score = args.horizon * linear_flops(model.reward_head) + linear_flops(model.value_heads)
-    return args.cem_iters * n * (imagine + score)
-
-
-def update_flops(model: valdi.WorldModel, args: valdi.Args) -> int:
-    """FLOPs of one valdi.update on a batch of args.batch_size segments (valdi.compute_losses):
-
-      with gradient (x3): online encoder on frame 0 (B images); dynamics once (B sequences: one
-        denoiser call for Valdi, H steps for the MLP); reward and both value heads on the H + 1
-        latents of the trajectory; SIGReg's projection (B x D) @ (D x slices).
-      without gradient (x1): EMA target encoder on frames 1..H (the dynamics targets); online
-        encoder on frames 1..H+1 and the target value heads on them (the TD bootstrap)."""
-    B, H = args.batch_size, args.horizon
-    enc, val = encoder_flops(model.encoder), linear_flops(model.value_heads)
-    with_grad = (B * enc + B * dynamics_flops(model, H) + B * (H + 1) * (linear_flops(model.reward_head) + val)
-                 + 2 * B * args.latent_dim * args.sigreg_slices)
-    no_grad = B * H * enc + B * (H + 1) * (enc + val)
-    return 3 * with_grad + no_grad
+# The paper: "over 10 Hz planning and over 30 Hz acting on one RTX 4080". Every rate here is
+# the median of timed calls after warm-up; the first call of a compiled variant (the compile
+# itself) is timed apart and never mixed into a rate. Efficiency is the FLOP rate reached, as a
+# fraction of a dense n x n matmul of the same precision on the same device (nanoGPT's MFU
+# idea): FLOPs are counted by torch's own FlopCounterMode on the eager model, matmuls and
+# convolutions only.
+VARIANTS = [("eager", "fp32"), ("eager", "bf16"), ("compiled", "fp32"), ("compiled", "bf16")]
 
 
 def sync(device: torch.device) -> None:
@@ -569,37 +504,50 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn, device: torch.device, warmup: int, repeats: int) -> float:
-    """Warm-up calls first (allocator, kernel selection, caches), then the median of timed calls:
-    the median ignores the odd slow call caused by something else on the machine."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
+def timed(fn, device: torch.device, repeats: int, warmup: int = 1) -> tuple[float, float]:
+    """(seconds of the first call, median seconds of `repeats` calls after `warmup` more)."""
+    def once():
         sync(device)
         t0 = time.perf_counter()
         fn()
         sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return time.perf_counter() - t0
+    first = once()
+    for _ in range(warmup):
+        once()
+    return first, statistics.median(once() for _ in range(repeats))
 
 
-def matmul_flops_per_second(device: torch.device, warmup: int, repeats: int) -> tuple[float, int]:
-    """The reference: dense float32 n x n matmuls (2 n^3 FLOPs) in this process, on this device,
-    with the same precision settings (TF32 on CUDA after valdi.pick_device). Two sizes, the
-    faster one wins: the reference should be the best this device does, so that the fraction the
-    planner reaches says how well its many small matmuls use the hardware. Returns (FLOP/s, n)."""
-    best = (0.0, 0)
-    for n in ((4096, 8192) if device.type == "cuda" else (1024, 2048)):
-        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-        best = max(best, (2 * n**3 / median_seconds(lambda: a @ b, device, max(1, warmup), repeats), n))
-        del a, b
-    return best
+def flops_of(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def paper_flops(ns: argparse.Namespace, device: torch.device) -> dict:
+    """FLOPs of one plan (Valdi, 1 step) and one Valdi update at these settings, eager fp32."""
+    args = valdi.Args(pop_size=ns.pop_size, num_elites=ns.num_elites, cem_iters=ns.cem_iters, horizon=ns.horizon,
+                      batch_size=ns.batch_size, cuda=ns.cuda)
+    model = valdi.WorldModel(args).to(device)
+    target = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    batch = synthetic_batch(args, device)
+    z = torch.randn(1, args.latent_dim, device=device)
+    return {"plan": flops_of(lambda: valdi.plan(model, z, args, 0.0, 1)),
+            "update": flops_of(lambda: valdi.update(model, target, optimizer, batch, args))}
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int) -> float:
+    """FLOP/s of a dense n x n matmul of this precision: the best this device does."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / timed(lambda: a @ b, device, repeats)[1]
 
 
 def synthetic_batch(args: valdi.Args, device: torch.device) -> dict:
-    """A replay batch of the real layout, from random pixels: valdi.ReplayBuffer cuts it from one
-    random trajectory exactly one segment long. Throughput does not depend on the pixel values."""
+    """A replay batch of the real layout, cut by valdi.ReplayBuffer from one random trajectory
+    exactly one segment long. Throughput does not depend on the pixel values."""
     rng = np.random.default_rng(0)
     span = args.action_chunk * (args.horizon + 1)
     buffer = valdi.ReplayBuffer(1, span, args.horizon, args.action_chunk, rng)
@@ -610,70 +558,93 @@ def synthetic_batch(args: valdi.Args, device: torch.device) -> dict:
     return valdi.to_device(buffer.sample(args.batch_size), device)
 
 
-def speed_of(dynamics: str, ns: argparse.Namespace, device: torch.device) -> list[dict]:
-    """Rows of the speed table for one dynamics: one per diffusion step count (one for the MLP)."""
-    args = valdi.Args(dynamics=dynamics, pop_size=ns.pop_size, num_elites=ns.num_elites, cem_iters=ns.cem_iters,
-                      horizon=ns.horizon, batch_size=ns.batch_size, cuda=ns.cuda)
-    valdi.check_args(args)
-    torch.manual_seed(0)
-    # Fresh, untrained networks: speed depends on shapes, not on weights.
-    model = valdi.WorldModel(args).to(device)
-    target = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    batch = synthetic_batch(args, device)
-    # Data sampling and host-device transfer are left out: updates/s is the learner's compute.
-    update_s = median_seconds(lambda: valdi.update(model, target, optimizer, batch, args), device,
-                              ns.warmup, ns.repeats)
-    upd_flops = update_flops(model, args)
-    z = torch.randn(1, args.latent_dim, device=device)  # one start latent, as the agent plans
-    rows = []
-    for steps in (ns.diffusion_steps if dynamics == "diffusion" else [None]):
-        # .cpu() on the plan is the agent's one sync per plan (valdi.collect_trajectory).
-        plan_s = median_seconds(lambda: valdi.plan(model, z, args, 0.0, steps).cpu(), device, ns.warmup, ns.repeats)
-        p_flops = plan_flops(model, args, steps or 1)
-        rows.append({"dynamics": dynamics, "diffusion_steps": steps,
-                     "plans_per_s": 1 / plan_s, "plan_flops": p_flops, "plan_flops_per_s": p_flops / plan_s,
-                     "updates_per_s": 1 / update_s, "update_flops": upd_flops,
-                     "update_flops_per_s": upd_flops / update_s})
-    return rows
+def speed_of(mode: str, precision: str, ns: argparse.Namespace, device: torch.device) -> dict:
+    """One row of the table: Valdi's planner at 1 and 8 steps, acting, and one update of each
+    dynamics, with fresh networks (speed depends on shapes, not on weights)."""
+    row, compile_s = {"mode": mode, "precision": precision}, {}
+    for dynamics in ("diffusion", "mlp"):
+        args = valdi.Args(dynamics=dynamics, pop_size=ns.pop_size, num_elites=ns.num_elites, cem_iters=ns.cem_iters,
+                          horizon=ns.horizon, batch_size=ns.batch_size, cuda=ns.cuda,
+                          compile=mode == "compiled", precision=precision)
+        valdi.check_args(args)
+        valdi.check_device(args, device)
+        torch.manual_seed(0)
+        model = valdi.WorldModel(args).to(device)
+        target = copy.deepcopy(model).requires_grad_(False)
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, capturable=args.compile and device.type == "cuda")
+        batch = synthetic_batch(args, device)
+        step = valdi.compiled(valdi.update, args)
+        compile_s[f"update {dynamics}"], update_s = timed(lambda: step(model, target, optimizer, batch, args),
+                                                          device, ns.repeats)
+        row[f"update_ms_{dynamics}"] = 1000 * update_s
+        if dynamics == "mlp":
+            continue
+        z = torch.randn(1, args.latent_dim, device=device)  # one start latent, as the agent plans
+        for steps in (1, 8):  # .cpu() on the plan is the agent's one sync per plan
+            compile_s[f"plan {steps} steps"], plan_s = timed(lambda: valdi.plan(model, z, args, 0.0, steps).cpu(),
+                                                             device, ns.repeats)
+            row[f"plan_hz_{steps}"] = 1 / plan_s
+        row["act_fps"] = acting_rate(model, args, device, ns.act_frames)
+    row["compile_s"] = {k: v for k, v in compile_s.items()} if mode == "compiled" else {}
+    return row
+
+
+def acting_rate(model: valdi.WorldModel, args: valdi.Args, device: torch.device, frames: int) -> float:
+    """Env frames per second of the agent's own loop (valdi.collect_trajectory: encoder,
+    planner, env.step), the track's generation at reset left out."""
+    env = valdi.make_env(dataclasses.replace(args, max_episode_steps=frames))
+    try:
+        valdi.collect_trajectory(env, model, args, device, 0.0, track_seed=0)  # warm-up
+        t0 = time.perf_counter()
+        env.reset(seed=1)
+        reset_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        _, stats = valdi.collect_trajectory(env, model, args, device, 0.0, track_seed=1)
+        return stats["length"] / (time.perf_counter() - t0 - reset_s)
+    finally:
+        env.close()
 
 
 def cmd_speed(ns: argparse.Namespace) -> int:
     device = valdi.pick_device(ns.cuda)
-    with progress(total=2 + len(ns.dynamics), desc="speed matmul", unit="part") as bar:
-        matmul, n = matmul_flops_per_second(device, ns.warmup, ns.repeats)
-        bar.update(1)
-        measured = []
-        for dynamics in ns.dynamics:
-            bar.set_description(f"speed {dynamics}")
-            measured.append(speed_of(dynamics, ns, device))
+    variants = [v for v in VARIANTS if v[0] in ns.modes and v[1] in ns.precisions]
+    with progress(total=len(variants), desc="speed", unit="variant") as bar:
+        peak = {p: matmul_peak(device, {"fp32": torch.float32, "bf16": torch.bfloat16}[p], ns.repeats)
+                for p in ns.precisions}
+        rows = []
+        for mode, precision in variants:
+            bar.set_description(f"speed {mode} {precision}")
+            rows.append(speed_of(mode, precision, ns, device))
             bar.update(1)
-        # The reference again at the end, keeping the better: on a shared machine a busy moment
-        # during the first measurement would otherwise inflate every fraction (even above 1).
-        matmul, n = max((matmul, n), matmul_flops_per_second(device, ns.warmup, ns.repeats))
-        bar.update(1)
-    rows = []
-    for row in (r for part in measured for r in part):
-        rows.append({**row, "plan_fraction_of_matmul": row["plan_flops_per_s"] / matmul,
-                     "update_fraction_of_matmul": row["update_flops_per_s"] / matmul})
-    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"CPU, torch threads {torch.get_num_threads()}")
-    print(f"\nSpeed on {device} ({name}); population {ns.pop_size}, elites {ns.num_elites}, CEM iterations "
-          f"{ns.cem_iters}, horizon {ns.horizon}, batch {ns.batch_size}; dense {n}x{n} float32 matmul "
-          f"{matmul / 1e9:.1f} GFLOP/s; median of {ns.repeats} after {ns.warmup} warm-up")
-    print(markdown_table(
-        ["dynamics", "diffusion steps", "plans/s", "GFLOP/plan", "plan GFLOP/s", "plan % of matmul",
-         "updates/s", "GFLOP/update", "update GFLOP/s", "update % of matmul"],
-        [[r["dynamics"], r["diffusion_steps"] or "-", fmt(r["plans_per_s"]), fmt(r["plan_flops"] / 1e9, 3),
-          fmt(r["plan_flops_per_s"] / 1e9, 1), fmt(100 * r["plan_fraction_of_matmul"], 1),
-          fmt(r["updates_per_s"], 3), fmt(r["update_flops"] / 1e9, 2), fmt(r["update_flops_per_s"] / 1e9, 1),
-          fmt(100 * r["update_fraction_of_matmul"], 1)] for r in rows]))
+    base = rows[0]  # eager fp32 when it was measured: the ratios' reference
+    flops = paper_flops(ns, device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\nSpeed on {device} ({name}); planner {ns.pop_size} x {ns.cem_iters}, H = {ns.horizon}; update batch "
+          f"{ns.batch_size}; median of {ns.repeats}; ratios to {base['mode']} {base['precision']}; efficiency: "
+          f"FLOP rate / dense matmul of that precision ({', '.join(f'{p} {v / 1e12:.2f} TFLOP/s' for p, v in peak.items())})")
+    table = []
+    for r in rows:
+        ratio = lambda key, inverse=False: (base[key] / r[key]) if inverse else (r[key] / base[key])
+        eff = lambda kind, per_s: fmt(100 * flops[kind] * per_s / peak[r["precision"]], 1)
+        table.append([f"{r['mode']} {r['precision']}", f"{fmt(r['plan_hz_1'])} ({fmt(ratio('plan_hz_1'))}x)",
+                      f"{fmt(r['plan_hz_8'])} ({fmt(ratio('plan_hz_8'))}x)", f"{fmt(r['act_fps'], 1)} ({fmt(ratio('act_fps'))}x)",
+                      f"{fmt(r['update_ms_diffusion'], 1)} ({fmt(ratio('update_ms_diffusion', True))}x)",
+                      f"{fmt(r['update_ms_mlp'], 1)} ({fmt(ratio('update_ms_mlp', True))}x)",
+                      eff("plan", r["plan_hz_1"]), eff("update", 1000 / r["update_ms_diffusion"])])
+    print(markdown_table(["variant", "plan Hz, 1 step", "plan Hz, 8 steps", "acting frames/s", "update ms (Valdi)",
+                          "update ms (MLP)", "plan % of peak", "update % of peak"], table))
+    for r in rows:
+        if r["compile_s"]:
+            print(f"compile time, {r['mode']} {r['precision']} (first call, not in the rates): "
+                  + ", ".join(f"{k} {v:.1f} s" for k, v in r["compile_s"].items()))
+        # The paper's run: 5000 trajectories = 3M env frames with a plan every 3, and 300k updates.
+        hours = (3e6 / r["act_fps"] + 3e5 * r["update_ms_diffusion"] / 1000) / 3600
+        print(f"projected paper run, {r['mode']} {r['precision']}: {hours:.1f} h (3M frames at "
+              f"{r['act_fps']:.1f}/s + 300k updates at {r['update_ms_diffusion']:.1f} ms)")
     if ns.json:
         path = valdi.write_json(Path(ns.json), {
-            "device": str(device), "device_name": name, "torch": torch.__version__,
-            "flags": {k: getattr(ns, k) for k in ("pop_size", "num_elites", "cem_iters", "horizon",
-                                                  "diffusion_steps", "batch_size", "warmup", "repeats")},
-            "matmul_n": n, "matmul_flops_per_s": matmul, "rows": rows})
+            "device": str(device), "device_name": name, "torch": torch.__version__, "matmul_peak": peak,
+            "flops": flops, "flags": {k: v for k, v in vars(ns).items() if k != "func"}, "rows": rows})
         print(f"wrote {path}", file=sys.stderr)
     return 0
 
@@ -902,6 +873,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in (("pop-size", "CEM population"), ("num-elites", "CEM elites"), ("cem-iters", "CEM iterations")):
         planner.add_argument(f"--{name}", type=positive_int, default=None,
                              help=f"{what} for this evaluation (default: the run's own)")
+    planner.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                         help="planner precision for this evaluation (default: the run's own)")
 
     def command(name, help, parents):
         return sub.add_parser(name, help=help, description=help, parents=parents,
@@ -940,18 +913,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_speed_and_plot(command, device: list, runs: list) -> None:
     defaults = valdi.Args()
-    p = command("speed", "planner and update throughput, FLOPs and hardware efficiency (Supp. D)", device)
-    p.add_argument("--dynamics", nargs="+", choices=["diffusion", "mlp"], default=["diffusion", "mlp"],
-                   help="which dynamics to measure")
+    p = command("speed", "planner, acting and update rates, eager or compiled, fp32 or bf16 (Supp. D)", device)
     p.add_argument("--pop-size", type=positive_int, default=defaults.pop_size, help="CEM population")
     p.add_argument("--num-elites", type=positive_int, default=defaults.num_elites, help="CEM elites")
     p.add_argument("--cem-iters", type=positive_int, default=defaults.cem_iters, help="CEM iterations")
     p.add_argument("--horizon", type=positive_int, default=defaults.horizon, help="planning horizon H")
-    p.add_argument("--diffusion-steps", type=diffusion_steps_type, nargs="+", default=[defaults.diffusion_steps],
-                   help="DDIM step counts to time the planner at")
     p.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="segments per update")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
-    p.add_argument("--repeats", type=positive_int, default=5, help="timed calls; the median is reported")
+    p.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"],
+                   help="which execution modes to measure")
+    p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
+                   help="which precisions to measure")
+    p.add_argument("--act-frames", type=positive_int, default=30, help="env frames of the acting measurement")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed calls; the median is reported")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the table as JSON to PATH")
     p.set_defaults(func=cmd_speed)
 

@@ -76,6 +76,9 @@ class Args:
     seed: int = flag(1, "seed of torch, numpy and the training tracks")
     cuda: bool = flag(True, "use CUDA when it is available (--no-cuda forces the CPU)")
     threads: int = flag(0, "torch CPU threads for the whole process (0: torch's default, one per core)")
+    compile: bool = flag(False, "torch.compile each CEM iteration and the update step (on CUDA with CUDA graphs)")
+    precision: str = flag("fp32", "fp32, or bf16: bfloat16 autocast for planning and updates (losses, SIGReg, "
+                                  "EMA and Adam state stay fp32)")
     exp_name: str = flag("valdi", "name prefix of the run directory")
     runs_dir: str = flag("runs", "parent folder of run directories")
     resume: str = flag("", "continue the run in this RUN_DIR from its checkpoint.pt")
@@ -330,12 +333,12 @@ class DiffusionDynamics(nn.Module):
             x = block(x)
         return self.readout(self.norm(x[:, 1:]))  # token 0's output is discarded
 
-    def sample(self, z0: torch.Tensor, actions: torch.Tensor, steps: int,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """Imagine z_{1..H} from pure noise with `steps` deterministic DDIM steps (Sec. 4)."""
-        noise = torch.randn(*actions.shape[:2], z0.shape[-1], device=z0.device, generator=generator)
-        tau = torch.empty((), dtype=torch.long, device=z0.device)
-        return ddim_sample(lambda z, t: self(z0, z, actions, tau.fill_(t)), noise, steps, self.alpha_bar)
+    def sample(self, z0: torch.Tensor, actions: torch.Tensor, steps: int, noise: torch.Tensor) -> torch.Tensor:
+        """Imagine z_{1..H} from the pure noise z^999 = `noise` with `steps` deterministic DDIM
+        steps (Sec. 4). The noise comes in from outside, so that this is a pure function."""
+        def velocity(z: torch.Tensor, t: int) -> torch.Tensor:
+            return self(z0, z, actions, torch.full((1,), t, dtype=torch.long, device=z0.device))
+        return ddim_sample(velocity, noise, steps, self.alpha_bar)
 
 
 class ResidualMLP(nn.Module):
@@ -414,8 +417,18 @@ class WorldModel(nn.Module):
                 generator: torch.Generator | None = None) -> torch.Tensor:
         """Latent trajectory [z_0, z_1..z_H] (B, H+1, D) for actions (B, H, A). Valdi denoises
         the H future latents jointly with `diffusion_steps` DDIM steps; the MLP rolls out."""
+        return self.rollout(z0, actions, diffusion_steps, self.sampling_noise(z0, actions.shape[1], generator))
+
+    def sampling_noise(self, z0: torch.Tensor, horizon: int, generator: torch.Generator | None = None):
+        """The pure noise Valdi's sampler starts from, (B, H, D); None for the deterministic MLP."""
+        if self.kind != "diffusion":
+            return None
+        return torch.randn(z0.shape[0], horizon, z0.shape[-1], device=z0.device, generator=generator)
+
+    def rollout(self, z0: torch.Tensor, actions: torch.Tensor, diffusion_steps: int, noise) -> torch.Tensor:
+        """imagine() with its randomness given: a pure function of its inputs."""
         if self.kind == "diffusion":
-            future = self.dynamics.sample(z0, actions, diffusion_steps, generator)
+            future = self.dynamics.sample(z0, actions, diffusion_steps, noise)
         else:
             future = self.dynamics(z0, actions)
         return torch.cat([z0.unsqueeze(1), future], dim=1)
@@ -525,7 +538,8 @@ def compute_losses(model: WorldModel, target: WorldModel, batch: dict, args: Arg
     reward_loss = F.mse_loss(model.reward(trajectory, actions), reward_target)
     v1, v2 = model.values(trajectory)
     value_loss = 0.5 * (F.mse_loss(v1, td_target) + F.mse_loss(v2, td_target))
-    reg_loss = sigreg(z0, args.sigreg_slices, args.sigreg_points)  # on the first latent only
+    with torch.autocast(z0.device.type, enabled=False):  # its statistics in fp32 under --precision bf16
+        reg_loss = sigreg(z0.float(), args.sigreg_slices, args.sigreg_points)  # on the first latent only
 
     total = ((1 - args.sigreg_coef) * (args.diffusion_coef * dynamics_loss + args.reward_coef * reward_loss
                                        + args.value_coef * value_loss)
@@ -549,7 +563,8 @@ def update(model: WorldModel, target: WorldModel, optimizer: torch.optim.Optimiz
            args: Args) -> torch.Tensor:
     """One gradient step (Algorithm 1 lines 19-21). Returns UPDATE_STATS as one tensor, left
     on the device so the caller syncs once per trajectory rather than once per update."""
-    total, parts = compute_losses(model, target, batch, args)
+    with autocast(args, batch["rgb"].device):  # --precision bf16: the forward passes only
+        total, parts = compute_losses(model, target, batch, args)
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -638,6 +653,30 @@ def trajectory_return(model: WorldModel, latents: torch.Tensor, actions: torch.T
 
 
 @torch.inference_mode()
+def cem_iteration(model: WorldModel, z_pop: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                  eps: torch.Tensor, noise, best: torch.Tensor, best_score: torch.Tensor,
+                  discounts: torch.Tensor, steps: int, num_elites: int):
+    """One CEM iteration (Supp. D): the population mean + std * eps, imagined (Valdi: from the
+    sampler noise `noise`) and scored by Eq. 10, the distribution refit to the elites, and the
+    best sample seen so far kept. A pure function of its inputs, so --compile can compile it whole."""
+    B, P, steps_env, _ = eps.shape
+    H = discounts.shape[0] - 1
+    samples = mean + std * eps  # (B, P, 15, 3) pre-tanh actions
+    actions = torch.tanh(samples).reshape(B * P, H, steps_env // H * ENV_ACTION_DIM)  # 5 chunks of 9
+    latents = model.rollout(z_pop, actions, steps, noise)
+    score = trajectory_return(model, latents, actions, discounts).view(B, P).float()
+    elite_score, elite_idx = score.topk(num_elites, dim=1)  # sorted: column 0 is this iteration's best
+    elites = samples.gather(1, elite_idx[:, :, None, None].expand(-1, -1, steps_env, ENV_ACTION_DIM))
+    mean = elites.mean(dim=1, keepdim=True)
+    std = elites.std(dim=1, unbiased=False, keepdim=True) + 1e-6
+    # Keep the best sample seen in any iteration, not just the last one.
+    improved = elite_score[:, 0] > best_score
+    best_score = torch.where(improved, elite_score[:, 0], best_score)
+    best = torch.where(improved[:, None, None], elites[:, 0], best)
+    return mean, std, best, best_score
+
+
+@torch.inference_mode()
 def plan(model: WorldModel, z: torch.Tensor, args: Args, noise_std: float = 0.0,
          diffusion_steps: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """CEM from each latent in z (B, D). Returns the planned action sequences (B, H, chunk*3)
@@ -646,7 +685,7 @@ def plan(model: WorldModel, z: torch.Tensor, args: Args, noise_std: float = 0.0,
     Everything stays on the device: the population is sampled, imagined, scored, ranked and
     refit without a single host-device synchronisation; the caller syncs once on the result."""
     B, D = z.shape
-    P, K, H, c = args.pop_size, args.num_elites, args.horizon, args.action_chunk
+    P, H, c = args.pop_size, args.horizon, args.action_chunk
     steps = diffusion_steps or args.diffusion_steps
     shape = (B, P, H * c, ENV_ACTION_DIM)  # 15 env actions per candidate
     # Supp. F: (mu0, sigma0) = (0, 1) at every plan; no warm start from the previous plan.
@@ -657,19 +696,13 @@ def plan(model: WorldModel, z: torch.Tensor, args: Args, noise_std: float = 0.0,
     discounts = args.gamma_wm ** torch.arange(H + 1, device=z.device, dtype=z.dtype)
     best_score = torch.full((B,), -torch.inf, device=z.device)
     best = torch.zeros(B, H * c, ENV_ACTION_DIM, device=z.device)
-    for _ in range(args.cem_iters):
-        samples = mean + std * torch.randn(shape, device=z.device, generator=generator)
-        actions = torch.tanh(samples).reshape(B * P, H, c * ENV_ACTION_DIM)  # 5 chunks of 9
-        latents = model.imagine(z_pop, actions, steps, generator)
-        score = trajectory_return(model, latents, actions, discounts).view(B, P)
-        elite_score, elite_idx = score.topk(K, dim=1)  # sorted: column 0 is this iteration's best
-        elites = samples.gather(1, elite_idx[:, :, None, None].expand(B, K, H * c, ENV_ACTION_DIM))
-        mean = elites.mean(dim=1, keepdim=True)
-        std = elites.std(dim=1, unbiased=False, keepdim=True) + 1e-6
-        # Keep the best sample seen in any iteration, not just the last one.
-        improved = elite_score[:, 0] > best_score
-        best_score = torch.where(improved, elite_score[:, 0], best_score)
-        best = torch.where(improved[:, None, None], elites[:, 0], best)
+    iteration = compiled(cem_iteration, args)  # cem_iteration itself unless --compile (section 10)
+    with autocast(args, z.device):
+        for _ in range(args.cem_iters):
+            eps = torch.randn(shape, device=z.device, generator=generator)
+            noise = model.sampling_noise(z_pop, H, generator)
+            mean, std, best, best_score = iteration(model, z_pop, mean, std, eps, noise, best, best_score,
+                                                    discounts, steps, args.num_elites)
     if noise_std > 0:  # exploration (Table 3): pre-tanh Gaussian noise on the chosen plan
         best = best + noise_std * torch.randn(best.shape, device=z.device, generator=generator)
     return torch.tanh(best).reshape(B, H, c * ENV_ACTION_DIM)
@@ -736,9 +769,9 @@ def learn(run: Run) -> list[float]:
     Returns the mean of UPDATE_STATS over them; stops the run, before anything is saved, if a
     loss or a weight is no longer finite."""
     args = run.args
-    per_update = [update(run.model, run.target, run.optimizer,
-                         to_device(run.buffer.sample(args.batch_size), run.device), args)
-                  for _ in range(args.updates_per_trajectory)]
+    step = compiled(update, args)  # update itself unless --compile (section 10)
+    per_update = [step(run.model, run.target, run.optimizer, to_device(run.buffer.sample(args.batch_size), run.device),
+                       args) for _ in range(args.updates_per_trajectory)]
     run.counters["updates"] += len(per_update)
     learned = torch.stack(per_update).mean(0).tolist()  # the one sync of the update phase
     losses_ok = all(math.isfinite(x) for x in learned)
@@ -813,6 +846,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
             parser.add_argument(name, action=argparse.BooleanOptionalAction, **kwargs)
         elif f.name == "dynamics":
             parser.add_argument(name, choices=["diffusion", "mlp"], **kwargs)
+        elif f.name == "precision":
+            parser.add_argument(name, choices=["fp32", "bf16"], **kwargs)
         elif f.name == "resume":
             parser.add_argument(name, metavar="RUN_DIR", **kwargs)
         else:
@@ -870,6 +905,7 @@ def check_args(args: Args) -> None:
     segment = args.action_chunk * (args.horizon + 1)  # env steps spanned by one replay segment
     problems = [
         (args.dynamics not in ("diffusion", "mlp"), f"unknown dynamics {args.dynamics!r} (diffusion or mlp)"),
+        (args.precision not in ("fp32", "bf16"), f"unknown precision {args.precision!r} (fp32 or bf16)"),
         (args.num_elites > args.pop_size, f"--num-elites {args.num_elites} exceeds --pop-size {args.pop_size}"),
         (args.max_episode_steps < segment,
          f"--max-episode-steps {args.max_episode_steps} is shorter than one replay segment "
@@ -917,6 +953,55 @@ def pick_device(cuda: bool = True) -> torch.device:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+# --- speed: --compile and --precision, wrapped around the eager code above ------------------
+_COMPILED: dict = {}
+
+
+def compiled(fn, args: Args):
+    """fn itself, or with --compile fn through torch.compile, built once per function and device
+    kind. On CUDA the mode is 'reduce-overhead', which records CUDA graphs: a whole CEM iteration
+    or update then replays as one graph instead of hundreds of small kernel launches. The
+    outputs are cloned, because a replay reuses the memory of the previous replay's outputs."""
+    if not args.compile:
+        return fn
+    cuda = args.cuda and torch.cuda.is_available()
+    key = (fn, cuda)
+    if key not in _COMPILED:
+        graph = torch.compile(fn, mode="reduce-overhead" if cuda else None, dynamic=False)
+
+        def call(*a, **kw):
+            try:
+                out = graph(*a, **kw)
+            except torch._dynamo.exc.TorchDynamoException as exc:
+                reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+                raise ValdiError(f"--compile failed here ({reason}); drop --compile to run eager") from None
+            return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
+        _COMPILED[key] = call
+    return _COMPILED[key]
+
+
+def autocast(args: Args, device: torch.device):
+    """--precision bf16: matmuls and convolutions in bfloat16; parameters, optimizer state and
+    the ops autocast keeps in fp32 (losses, softmax, norms) stay fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+
+def check_device(args: Args, device: torch.device) -> None:
+    """Refuse at start what would fail mid-run: bf16 where the device has none, and --compile
+    where torch.compile cannot build anything (no C++ compiler, an unsupported platform)."""
+    if args.precision == "bf16":
+        has_bf16 = (torch.cuda.is_bf16_supported() if device.type == "cuda"
+                    else torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if not has_bf16:
+            raise ValdiError(f"--precision bf16: this {device.type} device has no bfloat16 support; use fp32")
+    if args.compile:
+        try:
+            torch.compile(lambda x: torch.tanh(x) * 2 + 1)(torch.ones(4, device=device))
+        except Exception as exc:  # whatever the toolchain raises, the advice is the same
+            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise ValdiError(f"--compile does not work on this machine ({reason}); drop --compile") from None
 
 
 # --- files: every write is atomic ------------------------------------------------------------
@@ -1114,7 +1199,9 @@ def new_run(args: Args, device: torch.device, run_dir: Path | None = None) -> Ru
     rng = np.random.default_rng(args.seed)
     model = WorldModel(args).to(device)
     target = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
+    # capturable: Adam's step counter on the GPU, which CUDA graphs (--compile on CUDA) need.
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999),
+                                 capturable=args.compile and device.type == "cuda")
     buffer = ReplayBuffer(min(args.buffer_size, args.total_trajectories), args.max_episode_steps,
                           args.horizon, args.action_chunk, rng)
     counters = {"trajectories": 0, "env_steps": 0, "updates": 0, "wall_seconds": 0.0}
@@ -1219,6 +1306,7 @@ def start_run(args: Args) -> tuple[Run, RunLog]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.cuda)
+    check_device(args, device)
     run = resume_run(args, device) if args.resume else new_run(args, device)
     write_json(run.dir / "args.json", dataclasses.asdict(args))
     if not args.resume:
