@@ -855,6 +855,10 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
+# Flags that fix the shapes of the networks and of the replay buffer: a resumed run keeps them.
+SHAPE_FLAGS = ("dynamics", "horizon", "action_chunk", "latent_dim", "max_episode_steps")
+
+
 def parse_args(argv: list[str] | None = None) -> Args:
     """Flags -> Args. With --resume, the run's saved flags are the base and only the flags
     given on this command line override them; the flags that fix shapes must not change."""
@@ -871,10 +875,6 @@ def parse_args(argv: list[str] | None = None) -> Args:
         args = Args(**{f.name: saved.get(f.name, f.default) for f in dataclasses.fields(Args)})
     check_args(args)
     return args
-
-
-# Flags that fix the shapes of the networks and of the replay buffer: a resumed run keeps them.
-SHAPE_FLAGS = ("dynamics", "horizon", "action_chunk", "latent_dim", "max_episode_steps")
 
 
 def check_args(args: Args) -> None:
