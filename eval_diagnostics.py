@@ -357,8 +357,10 @@ def on_policy_states(run: Run, num_states: int, dataset: Path | None, rng: np.ra
     rgb (N, 96, 96, 3), proprio (N, 7), and the episode (track) of each."""
     data = decoder.load_dataset(run.run_dir, dataset)
     pick = np.sort(rng.choice(len(data["rgb"]), size=min(num_states, len(data["rgb"])), replace=False))
+    tracks = set(int(s) for s in data.get("track_seeds", []))
     return {"rgb": data["rgb"][pick], "proprio": data["proprio"][pick].astype(np.float32),
-            "episode": data["episode"][pick], "source": str(dataset or decoder.dataset_path(run.run_dir))}
+            "episode": data["episode"][pick], "source": str(dataset or decoder.dataset_path(run.run_dir)),
+            "evaluation_tracks_in_dataset": len(tracks & set(fixed_track_seeds(100)))}
 
 
 def consistency_of_run(run: Run, device: torch.device, rgb: np.ndarray, proprio: np.ndarray, steps: int,
@@ -401,6 +403,7 @@ def cmd_consistency(ns: argparse.Namespace) -> int:
         path = valdi.write_json(run.eval_dir / "consistency.json", {
             "run": run.path, "dynamics": run.args.dynamics, "diffusion_steps": steps,
             "num_states": len(states["rgb"]), "num_tracks": len(np.unique(states["episode"])),
+            "evaluation_tracks_in_dataset": states["evaluation_tracks_in_dataset"],
             "source": states["source"], "gamma_wm": run.args.gamma_wm,
             "planner": planner_settings(run.args),
             "seed": ns.seed, "rows": rows})
