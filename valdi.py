@@ -971,8 +971,9 @@ def compiled(fn, args: Args):
             try:
                 out = graph(*a, **kw)
             except torch._dynamo.exc.TorchDynamoException as exc:
-                reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-                raise ValdiError(f"--compile failed here ({reason}); drop --compile to run eager") from None
+                lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+                reason = next((line for line in lines if line.split(":")[0].endswith(("Error", "Exception"))), lines[0])
+                raise ValdiError(f"--compile failed here ({reason[:160]}); drop --compile to run eager") from None
             return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
         _COMPILED[key] = call
     return _COMPILED[key]
