@@ -771,7 +771,9 @@ def learn(run: Run) -> list[float]:
     run.counters["updates"] += len(per_update)
     learned = torch.stack(per_update).mean(0).tolist()  # the one sync of the update phase
     losses_ok = all(math.isfinite(x) for x in learned)
-    weights_ok = all(torch.isfinite(p).all() for p in (*run.model.parameters(), *run.target.parameters()))
+    # One host sync for all weights, not one per tensor.
+    weights_ok = bool(torch.stack([torch.isfinite(p).all() for p in (*run.model.parameters(),
+                                                                     *run.target.parameters())]).all())
     if not (losses_ok and weights_ok):
         k = run.counters["trajectories"]
         raise FloatingPointError(
