@@ -652,12 +652,13 @@ def trajectory_return(model: WorldModel, latents: torch.Tensor, actions: torch.T
     return model.reward(latents[:, :H], actions) @ discounts[:H] + discounts[H] * model.value(latents[:, H])
 
 
-@torch.inference_mode()
 def score_population(model: WorldModel, z_pop: torch.Tensor, samples: torch.Tensor, noise,
                      discounts: torch.Tensor, steps: int) -> torch.Tensor:
     """Eq. 10 for every candidate of the population: pre-tanh samples (B, P, H*chunk, 3) ->
     actions -> imagined latents (Valdi: denoised from `noise`) -> discounted return (B*P,).
-    The bulk of a plan's work, and a pure function of its inputs: --compile compiles it."""
+    The bulk of a plan's work, and a pure function of its inputs: --compile compiles it. It sets
+    no grad mode of its own: plan() calls it under inference mode (eager) or no_grad (compiled),
+    because torch.compile cannot trace a function that enters inference mode itself."""
     H = discounts.shape[0] - 1
     actions = torch.tanh(samples).reshape(z_pop.shape[0], H, -1)  # 5 chunks of 9
     latents = model.rollout(z_pop, actions, steps, noise)
