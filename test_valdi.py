@@ -936,10 +936,10 @@ def test_returns_one_per_episode_and_step_count_and_reproducible(runs, evaluated
     out = evaluated["printed"]
     assert runs["diffusion"].name in out and runs["mlp"].name in out and "mean speed bar" in out
     # Same track, same episode: the per-episode torch.Generator fixes every random draw, whatever
-    # ran before. In 30 frames returns often tie across policies (1000/N per tile minus 0.1 per
+    # ran before. In 15 frames returns often tie across policies (1000/N per tile minus 0.1 per
     # frame), so the mean speeds, which follow every executed action, are compared too.
     run = ed.load_runs([str(runs["diffusion"])], torch.device("cpu"))[0]
-    run.args = valdi.dataclasses.replace(run.args, max_episode_steps=30)
+    run.args = valdi.dataclasses.replace(run.args, max_episode_steps=15)
     again = ed.evaluate_returns(run, torch.device("cpu"), seeds[1:], 2)  # the second track alone
     assert again["returns"] == diff["results"][1]["returns"][1:]
     assert again["mean_speeds"] == diff["results"][1]["mean_speeds"][1:]
