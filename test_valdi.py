@@ -1113,7 +1113,7 @@ def test_flop_counts_equal_hand_counts():
 def test_speed_table_rates_and_ratios(tmp_path, capsys):
     path = tmp_path / "speed.json"
     assert ed.main(["speed", "--pop-size", "16", "--num-elites", "4", "--cem-iters", "2", "--horizon", "2",
-                    "--batch-size", "4", "--modes", "eager", "--act-frames", "12", "--repeats", "2",
+                    "--batch-size", "4", "--modes", "eager", "--act-frames", "6", "--repeats", "1",
                     "--json", str(path), "--no-cuda"]) == 0
     out = capsys.readouterr().out
     assert "| eager fp32" in out and "| eager bf16" in out and "projected paper run" in out
