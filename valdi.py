@@ -672,8 +672,8 @@ def plan(model: WorldModel, z: torch.Tensor, args: Args, noise_std: float = 0.0,
 
     Everything stays on the device: the population is sampled, imagined, scored, ranked and
     refit without a single host-device synchronisation; the caller syncs once on the result."""
-    # No gradients in planning. torch.compile cannot trace buffers under inference mode, so the
-    # compiled planner runs under no_grad (in eager, inference mode is a little faster).
+    # No gradients in planning. torch.compile's AOT autograd refuses to trace under inference
+    # mode, so the compiled planner runs under no_grad (in eager, inference mode is a little faster).
     with torch.no_grad() if args.compile else torch.inference_mode(), autocast(args, z.device):
         B, D = z.shape
         P, K, H, c = args.pop_size, args.num_elites, args.horizon, args.action_chunk
