@@ -583,6 +583,38 @@ def test_cem_finds_the_optimum_of_a_known_objective():
     assert (best_return > 0.85 * supremum).all()
 
 
+def cem_by_hand(weights: torch.Tensor, args: valdi.Args, generator: torch.Generator, correction: int):
+    """Two CEM iterations on the linear objective of linear_reward_model, written out with the
+    same random draws as plan(): the elites' spread is refit with std(correction=...)."""
+    P, K, H = args.pop_size, args.num_elites, args.horizon
+    discounts = args.gamma_wm ** torch.arange(H, dtype=torch.float32)
+    mean, std = torch.zeros(1, H * 3, 3), torch.ones(1, H * 3, 3)
+    best, best_score = None, -math.inf
+    for _ in range(args.cem_iters):
+        samples = mean + std * torch.randn((1, P, H * 3, 3), generator=generator)[0]
+        scores = (torch.tanh(samples).reshape(P, H, 9) @ weights) @ discounts  # Eq. 10, V = 0
+        top = scores.topk(K).indices
+        elites = samples[top]
+        mean, std = elites.mean(0, keepdim=True), elites.std(0, keepdim=True, correction=correction) + 1e-6
+        if scores[top[0]] > best_score:
+            best, best_score = elites[0], scores[top[0]]
+    return torch.tanh(best).reshape(1, H, 9)
+
+
+def test_cem_refits_the_elite_spread_with_the_sample_std():
+    """Supp. D as published: the second iteration samples with the Bessel-corrected std of the
+    first iteration's elites (dividing by K - 1, not K)."""
+    weights = torch.tensor([1.0, -0.5, 0.4, -1.0, 0.3, -0.6, 0.8, -0.7, 0.35])
+    model = linear_reward_model(weights)
+    args = valdi.Args(dynamics="mlp", pop_size=8, num_elites=3, cem_iters=2)
+    with torch.inference_mode():
+        planned = valdi.plan(model, torch.randn(1, 64), args, generator=torch.Generator().manual_seed(5))
+    bessel = cem_by_hand(weights, args, torch.Generator().manual_seed(5), correction=1)
+    population = cem_by_hand(weights, args, torch.Generator().manual_seed(5), correction=0)
+    torch.testing.assert_close(planned, bessel, rtol=0, atol=1e-6)
+    assert not torch.allclose(bessel, population, atol=1e-3)  # the two rules give different plans here
+
+
 def test_plan_runs_in_inference_mode_with_noise_and_bounds():
     model = valdi.WorldModel(valdi.Args()).eval()
     args = tiny_args()
@@ -625,6 +657,40 @@ def test_tiny_run_writes_everything(tiny_runs, dynamics):
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert state["counters"]["trajectories"] == 2 and state["counters"]["updates"] == 2
     assert state["counters"]["env_steps"] == 60 and state["args"]["dynamics"] == dynamics
+
+
+def git(repo: Path, *argv: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.org", *argv],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_code_version_names_the_commit_and_uncommitted_changes(tmp_path):
+    repo, plain = tmp_path / "repo", tmp_path / "plain"
+    for folder in (repo, plain):
+        folder.mkdir()
+        shutil.copy(HERE / "valdi.py", folder / "valdi.py")
+    git(repo, "init", "-q")
+    git(repo, "add", "valdi.py")
+    git(repo, "commit", "-q", "-m", "x")
+    (repo / "notes.txt").write_text("untracked files are not code changes\n")
+    assert valdi.code_version(repo / "valdi.py") == {"commit": git(repo, "rev-parse", "HEAD"), "uncommitted_changes": False}
+    with open(repo / "valdi.py", "a") as f:
+        f.write("# a fork's edit\n")
+    assert valdi.code_version(repo / "valdi.py")["uncommitted_changes"] is True
+    assert valdi.code_version(plain / "valdi.py") == {"commit": "unknown", "uncommitted_changes": "unknown"}
+
+
+def test_args_json_records_the_code_of_every_session_of_a_run(tiny_runs, tmp_path):
+    flags = json.loads((tiny_runs["mlp"] / "args.json").read_text())
+    assert flags["code"] == [{**valdi.code_version(), "from_trajectory": 0}]
+    # A run started by other code and resumed by this code keeps both on record.
+    run_dir = copy_run(tiny_runs["mlp"], tmp_path)
+    earlier = {"commit": "0" * 40, "uncommitted_changes": False, "from_trajectory": 0}
+    (run_dir / "args.json").write_text(json.dumps({**flags, "code": [earlier]}))
+    assert valdi.main(["--resume", str(run_dir), "--total-trajectories", "3", "--threads", "1"]) == 0
+    torch.set_num_threads(2)
+    assert json.loads((run_dir / "args.json").read_text())["code"] == \
+        [earlier, {**valdi.code_version(), "from_trajectory": 2}]
 
 
 def read_rows(run_dir: Path) -> list[dict]:
@@ -781,6 +847,7 @@ def one_line_error(argv, capsys) -> str:
 
 @pytest.mark.parametrize("argv, message", [
     (["--num-elites", "600"], "exceeds --pop-size"),
+    (["--num-elites", "1"], "--num-elites must be at least 2"),
     (["--max-episode-steps", "15"], "shorter than one replay segment"),
     (["--max-episode-steps", "31"], "not a multiple of --action-chunk"),
     (["--diffusion-steps", "0"], "--diffusion-steps must be at least 1"),

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import signal
+import subprocess
 import sys
 import time
 import zipfile
@@ -695,7 +696,9 @@ def plan(model: WorldModel, z: torch.Tensor, args: Args, noise_std: float = 0.0,
             elite_score, elite_idx = score.topk(K, dim=1)  # sorted: column 0 is this iteration's best
             elites = samples.gather(1, elite_idx[:, :, None, None].expand(B, K, H * c, ENV_ACTION_DIM))
             mean = elites.mean(dim=1, keepdim=True)
-            std = elites.std(dim=1, unbiased=False, keepdim=True) + 1e-6
+            # The sample std (Bessel's correction, dividing by K - 1), as the published planner
+            # refits it; the 1e-6 floor keeps a collapsed dimension sampling.
+            std = elites.std(dim=1, keepdim=True) + 1e-6
             # Keep the best sample seen in any iteration, not just the last one.
             improved = elite_score[:, 0] > best_score
             best_score = torch.where(improved, elite_score[:, 0], best_score)
@@ -882,9 +885,10 @@ def check_args(args: Args) -> None:
     def refuse(key: str, rule: str):
         raise ValdiError(f"--{key.replace('_', '-')} must be {rule}, got {getattr(args, key)}")
 
+    # Two elites at least: the planner refits a sample std, which divides by K - 1.
     at_least = {"total_trajectories": 1, "seed_trajectories": 1, "max_episode_steps": 1,
                 "updates_per_trajectory": 1, "batch_size": 1, "buffer_size": 1, "horizon": 1,
-                "action_chunk": 1, "latent_dim": 1, "pop_size": 1, "num_elites": 1, "cem_iters": 1,
+                "action_chunk": 1, "latent_dim": 1, "pop_size": 1, "num_elites": 2, "cem_iters": 1,
                 "diffusion_steps": 1, "sigreg_slices": 1, "sigreg_points": 2, "seed": 0, "threads": 0,
                 "explore_hold": 0, "explore_decay": 0}
     for key, low in at_least.items():
@@ -1165,6 +1169,37 @@ def save_checkpoint(run: Run) -> None:
     atomic_torch_save(state, run.dir / CHECKPOINT_NAME)
 
 
+def code_version(path: Path = Path(__file__)) -> dict:
+    """Which code ran a run: the git commit of the checkout holding valdi.py and whether its
+    tracked files had uncommitted changes; "unknown" for both outside git (or without git)."""
+    def git(*argv):
+        return subprocess.run(["git", "-C", str(Path(path).resolve().parent), *argv], capture_output=True,
+                              text=True, timeout=30, check=True).stdout.strip()
+    try:
+        return {"commit": git("rev-parse", "HEAD"),
+                "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "unknown", "uncommitted_changes": "unknown"}
+
+
+def code_history(run: Run) -> list[dict]:
+    """args.json's record of the code that ran this run: one entry per code version, each with
+    the first trajectory it ran. A resume from the same commit adds nothing; from another one,
+    or with uncommitted changes, adds an entry, so the earlier code stays on record."""
+    history = []
+    if run.args.resume:
+        try:
+            history = json.loads((run.dir / "args.json").read_text()).get("code", [])
+        except (OSError, ValueError, AttributeError):
+            pass
+        if not (isinstance(history, list) and all(isinstance(entry, dict) for entry in history)):
+            history = []
+    now = code_version()
+    if not history or {k: history[-1].get(k) for k in now} != now or now["uncommitted_changes"] is not False:
+        history = [*history, {**now, "from_trajectory": int(run.counters["trajectories"])}]
+    return history
+
+
 # --- the run: fresh or resumed, and its log --------------------------------------------------
 CSV_FIELDS = ["trajectory", "env_steps", "return", "length", "explore_std",
               *(f"loss_{name}" for name in LOSS_NAMES), "latent_norm", "planner_hz", "wall_seconds"]
@@ -1308,7 +1343,7 @@ def start_run(args: Args) -> tuple[Run, RunLog]:
     device = pick_device(args.cuda)
     check_device(args, device)
     run = resume_run(args, device) if args.resume else new_run(args, device)
-    write_json(run.dir / "args.json", dataclasses.asdict(args))
+    write_json(run.dir / "args.json", {**dataclasses.asdict(args), "code": code_history(run)})
     if not args.resume:
         save_checkpoint(run)  # resumable from the first moment: a kill before trajectory 0 loses nothing
     n_params = count_parameters(run.model)
