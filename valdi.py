@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -560,17 +561,32 @@ def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
         p_target.lerp_(p_online, tau)
 
 
-def update(model: WorldModel, target: WorldModel, optimizer: torch.optim.Optimizer, batch: dict,
-           args: Args) -> torch.Tensor:
-    """One gradient step (Algorithm 1 lines 19-21). Returns UPDATE_STATS as one tensor, left
-    on the device so the caller syncs once per trajectory rather than once per update."""
-    with autocast(args, batch["rgb"].device):  # --precision bf16: the forward passes only
-        total, parts = compute_losses(model, target, batch, args)
-    optimizer.zero_grad(set_to_none=True)
-    total.backward()
+def forward_losses(model: WorldModel, target: WorldModel, batch: dict, args: Args):
+    """compute_losses in the run's precision (--precision bf16: the forward passes only)."""
+    with autocast(args, batch["rgb"].device):
+        return compute_losses(model, target, batch, args)
+
+
+def apply_gradients(model: WorldModel, target: WorldModel, optimizer: torch.optim.Optimizer, args: Args) -> None:
+    """Algorithm 1 lines 20-21: clip the gradient norm, take the Adam step, move the EMA target."""
     nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     optimizer.step()
     ema_update(target, model, args.ema_tau)
+
+
+def update(model: WorldModel, target: WorldModel, optimizer: torch.optim.Optimizer, batch: dict,
+           args: Args) -> torch.Tensor:
+    """One gradient step (Algorithm 1 lines 13-21). Returns UPDATE_STATS as one tensor, left
+    on the device so the caller syncs once per trajectory rather than once per update.
+    What --compile (section 10) captures: the forward pass as one whole graph, and with it
+    (AOT autograd) its backward, which backward() runs; then the gradient clip, the Adam step
+    and the EMA, split into separate graphs only where torch's Optimizer.step breaks the graph
+    around itself on purpose. zero_grad runs eagerly between them (it only drops references)."""
+    device = batch["rgb"].device
+    total, parts = compiled(forward_losses, args, device)(model, target, batch, args)
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    compiled(apply_gradients, args, device, fullgraph=False)(model, target, optimizer, args)
     return torch.stack([parts[name].detach() for name in UPDATE_STATS])
 
 
@@ -639,7 +655,27 @@ class ReplayBuffer:
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {key: torch.from_numpy(value).to(device, non_blocking=True) for key, value in batch.items()}
+    """numpy batch -> tensors on `device`. For a GPU the arrays are first copied into pinned
+    (page-locked) memory, from which the copy to the GPU runs without blocking the host."""
+    pin = device.type == "cuda"
+    return {key: (torch.from_numpy(value).pin_memory() if pin else torch.from_numpy(value)).to(device, non_blocking=True)
+            for key, value in batch.items()}
+
+
+def replay_batches(buffer: ReplayBuffer, batch_size: int, n: int, device: torch.device):
+    """n batches for n updates. Each is gathered (and on a GPU pinned and copied) on a worker
+    thread while the previous update runs, since numpy's gather of ~50 MB of frames releases the
+    GIL. The batches are drawn one after the other from the buffer's own generator, exactly as
+    without the worker, so a run and its resumed continuation see the same batches."""
+    def prepare():
+        return to_device(buffer.sample(batch_size), device)
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        pending = worker.submit(prepare)
+        for i in range(n):
+            batch = pending.result()
+            if i + 1 < n:
+                pending = worker.submit(prepare)
+            yield batch
 
 
 # =============================================================================================
@@ -657,13 +693,42 @@ def score_population(model: WorldModel, z_pop: torch.Tensor, samples: torch.Tens
                      discounts: torch.Tensor, steps: int) -> torch.Tensor:
     """Eq. 10 for every candidate of the population: pre-tanh samples (B, P, H*chunk, 3) ->
     actions -> imagined latents (Valdi: denoised from `noise`) -> discounted return (B*P,).
-    The bulk of a plan's work, and a pure function of its inputs: --compile compiles it. It sets
-    no grad mode of its own: plan() calls it under inference mode (eager) or no_grad (compiled),
-    because torch.compile cannot trace a function that enters inference mode itself."""
+    The bulk of a plan's work. It sets no grad mode of its own: plan() calls it under inference
+    mode (eager) or no_grad (compiled), because torch.compile cannot trace a function that
+    enters inference mode itself."""
     H = discounts.shape[0] - 1
-    actions = torch.tanh(samples).reshape(z_pop.shape[0], H, -1)  # 5 chunks of 9
+    actions = torch.tanh(samples).reshape(z_pop.shape[0], H, -1)  # H chunks of chunk*3
     latents = model.rollout(z_pop, actions, steps, noise)
     return trajectory_return(model, latents, actions, discounts)
+
+
+def cem_search(model: WorldModel, z_pop: torch.Tensor, sample_noise: torch.Tensor, dynamics_noise,
+               discounts: torch.Tensor, steps: int, num_elites: int, score_fn=score_population) -> torch.Tensor:
+    """The CEM iterations of one plan (Supp. D), given all their random draws: sample_noise
+    (I, B, P, H*chunk, 3) standard normal for I iterations, dynamics_noise (I, B*P, H, D) for
+    Valdi's sampler or None. Returns the best pre-tanh sequence seen, (B, H*chunk, 3).
+    A pure function of its inputs, with no host-device sync: --compile captures it whole."""
+    B, P = sample_noise.shape[1:3]
+    # Supp. F: (mu0, sigma0) = (0, 1) at every plan; no warm start from the previous plan.
+    mean = torch.zeros_like(sample_noise[0, :, :1])  # (B, 1, H*chunk, 3)
+    std = torch.ones_like(mean)
+    best_score = torch.full((B,), -torch.inf, device=z_pop.device)
+    best = torch.zeros_like(sample_noise[0, :, 0])
+    for i in range(sample_noise.shape[0]):
+        samples = mean + std * sample_noise[i]
+        noise = None if dynamics_noise is None else dynamics_noise[i]
+        score = score_fn(model, z_pop, samples, noise, discounts, steps).view(B, P).float()
+        elite_score, elite_idx = score.topk(num_elites, dim=1)  # sorted: column 0 is this iteration's best
+        elites = samples.gather(1, elite_idx[:, :, None, None].expand(-1, -1, *samples.shape[2:]))
+        mean = elites.mean(dim=1, keepdim=True)
+        # The sample std (Bessel's correction, dividing by K - 1), as the published planner
+        # refits it; the 1e-6 floor keeps a collapsed dimension sampling.
+        std = elites.std(dim=1, keepdim=True) + 1e-6
+        # Keep the best sample seen in any iteration, not just the last one.
+        improved = elite_score[:, 0] > best_score
+        best_score = torch.where(improved, elite_score[:, 0], best_score)
+        best = torch.where(improved[:, None, None], elites[:, 0], best)
+    return best
 
 
 def plan(model: WorldModel, z: torch.Tensor, args: Args, noise_std: float = 0.0,
@@ -677,32 +742,25 @@ def plan(model: WorldModel, z: torch.Tensor, args: Args, noise_std: float = 0.0,
     # mode, so the compiled planner runs under no_grad (in eager, inference mode is a little faster).
     with torch.no_grad() if args.compile else torch.inference_mode(), autocast(args, z.device):
         B, D = z.shape
-        P, K, H, c = args.pop_size, args.num_elites, args.horizon, args.action_chunk
+        P, H, c = args.pop_size, args.horizon, args.action_chunk
         steps = diffusion_steps or args.diffusion_steps
-        shape = (B, P, H * c, ENV_ACTION_DIM)  # 15 env actions per candidate
-        # Supp. F: (mu0, sigma0) = (0, 1) at every plan; no warm start from the previous plan.
-        mean = torch.zeros(B, 1, H * c, ENV_ACTION_DIM, device=z.device)
-        std = torch.ones_like(mean)
         # Once per plan, not per iteration: the start latent for every candidate, the discounts.
         z_pop = z.unsqueeze(1).expand(B, P, D).reshape(B * P, D)
         discounts = args.gamma_wm ** torch.arange(H + 1, device=z.device, dtype=z.dtype)
-        best_score = torch.full((B,), -torch.inf, device=z.device)
-        best = torch.zeros(B, H * c, ENV_ACTION_DIM, device=z.device)
-        score_fn = compiled(score_population, args)  # score_population itself unless --compile (section 10)
-        for _ in range(args.cem_iters):
-            samples = mean + std * torch.randn(shape, device=z.device, generator=generator)
-            noise = model.sampling_noise(z_pop, H, generator)
-            score = score_fn(model, z_pop, samples, noise, discounts, steps).view(B, P).float()
-            elite_score, elite_idx = score.topk(K, dim=1)  # sorted: column 0 is this iteration's best
-            elites = samples.gather(1, elite_idx[:, :, None, None].expand(B, K, H * c, ENV_ACTION_DIM))
-            mean = elites.mean(dim=1, keepdim=True)
-            # The sample std (Bessel's correction, dividing by K - 1), as the published planner
-            # refits it; the 1e-6 floor keeps a collapsed dimension sampling.
-            std = elites.std(dim=1, keepdim=True) + 1e-6
-            # Keep the best sample seen in any iteration, not just the last one.
-            improved = elite_score[:, 0] > best_score
-            best_score = torch.where(improved, elite_score[:, 0], best_score)
-            best = torch.where(improved[:, None, None], elites[:, 0], best)
+        # Every random draw of the search, made up front in the order the iterations use them
+        # (candidates, then Valdi's sampling noise, per iteration): the same numbers as drawing
+        # them inside the loop, and the search itself becomes a pure function.
+        draws = [(torch.randn((B, P, H * c, ENV_ACTION_DIM), device=z.device, generator=generator),
+                  model.sampling_noise(z_pop, H, generator)) for _ in range(args.cem_iters)]
+        sample_noise = torch.stack([candidates for candidates, _ in draws])
+        dynamics_noise = None if draws[0][1] is None else torch.stack([noise for _, noise in draws])
+        # --compile (section 10): on CUDA the whole search is one graph, replayed as one CUDA graph
+        # per plan; on a CPU, where a kernel launch costs nothing and compile time grows with the
+        # unrolled iterations, each iteration's scoring is compiled instead.
+        whole = z.device.type == "cuda"
+        search = compiled(cem_search, args, z.device) if whole else cem_search
+        score_fn = score_population if whole else compiled(score_population, args, z.device)
+        best = search(model, z_pop, sample_noise, dynamics_noise, discounts, steps, args.num_elites, score_fn)
         if noise_std > 0:  # exploration (Table 3): pre-tanh Gaussian noise on the chosen plan
             best = best + noise_std * torch.randn(best.shape, device=z.device, generator=generator)
         return torch.tanh(best).reshape(B, H, c * ENV_ACTION_DIM)
@@ -769,9 +827,9 @@ def learn(run: Run) -> list[float]:
     Returns the mean of UPDATE_STATS over them; stops the run, before anything is saved, if a
     loss or a weight is no longer finite."""
     args = run.args
-    step = compiled(update, args)  # update itself unless --compile (section 10)
-    per_update = [step(run.model, run.target, run.optimizer, to_device(run.buffer.sample(args.batch_size), run.device),
-                       args) for _ in range(args.updates_per_trajectory)]
+    per_update = []
+    for batch in replay_batches(run.buffer, args.batch_size, args.updates_per_trajectory, run.device):
+        per_update.append(update(run.model, run.target, run.optimizer, batch, args))
     run.counters["updates"] += len(per_update)
     learned = torch.stack(per_update).mean(0).tolist()  # the one sync of the update phase
     losses_ok = all(math.isfinite(x) for x in learned)
@@ -951,28 +1009,39 @@ def available_memory() -> int | None:
 
 
 def pick_device(cuda: bool = True) -> torch.device:
-    """CUDA when present and allowed (--cuda, the default), else CPU: the same code runs on both."""
+    """CUDA when present and allowed (--cuda, the default), else CPU: the same code runs on both.
+    --no-cuda never touches CUDA. On a GPU, "fp32" matmuls run as TF32 (10-bit mantissa inputs,
+    fp32 accumulation) on Ampere and later, as cuDNN's convolutions do by default: results
+    record it (float32_matmul_precision) so that they are not mixed with true fp32 ones."""
     if cuda and torch.cuda.is_available():
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
+        torch.set_float32_matmul_precision("high")
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def device_record(device: torch.device) -> dict:
+    """What an evaluation ran on: the device, its name, and how fp32 matmuls were computed."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"device": device.type, "device_name": name,
+            "float32_matmul_precision": torch.get_float32_matmul_precision()}
 
 
 # --- speed: --compile and --precision, wrapped around the eager code above ------------------
 _COMPILED: dict = {}
 
 
-def compiled(fn, args: Args):
+def compiled(fn, args: Args, device: torch.device, fullgraph: bool = True):
     """fn itself, or with --compile fn through torch.compile, built once per function and device
-    kind. On CUDA the mode is 'reduce-overhead', which records CUDA graphs: a population's
-    scoring or an update then replays as one graph instead of hundreds of small launches. The
-    outputs are cloned, because a replay reuses the memory of the previous replay's outputs."""
+    kind. fullgraph: fn is captured whole or the run stops with one line, never half eager.
+    On CUDA the mode is 'reduce-overhead', which records CUDA graphs: a plan's search, or an
+    update's parts, then replay as a few graphs instead of hundreds of small launches. A replay
+    reuses the memory of the previous replay's outputs, so on CUDA the outputs are cloned."""
     if not args.compile:
         return fn
-    cuda = args.cuda and torch.cuda.is_available()
-    key = (fn, cuda)
+    cuda_graphs = device.type == "cuda"
+    key = (fn, cuda_graphs)
     if key not in _COMPILED:
-        graph = torch.compile(fn, mode="reduce-overhead" if cuda else None, dynamic=False)
+        graph = torch.compile(fn, mode="reduce-overhead" if cuda_graphs else None, dynamic=False, fullgraph=fullgraph)
 
         def call(*a, **kw):
             try:
@@ -980,10 +1049,21 @@ def compiled(fn, args: Args):
             except torch._dynamo.exc.TorchDynamoException as exc:
                 lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
                 reason = next((line for line in lines if line.split(":")[0].endswith(("Error", "Exception"))), lines[0])
-                raise ValdiError(f"--compile failed here ({reason[:160]}); drop --compile to run eager") from None
-            return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
+                raise ValdiError(f"--compile failed here ({reason[:160]}); run with --no-compile") from None
+            return clone_tensors(out) if cuda_graphs else out
         _COMPILED[key] = call
     return _COMPILED[key]
+
+
+def clone_tensors(out):
+    """Copies of the tensors in a (nested) tuple, list or dict; anything else as it is."""
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if isinstance(out, dict):
+        return {k: clone_tensors(v) for k, v in out.items()}
+    if isinstance(out, (tuple, list)):
+        return type(out)(clone_tensors(v) for v in out)
+    return out
 
 
 def autocast(args: Args, device: torch.device):
@@ -995,17 +1075,25 @@ def autocast(args: Args, device: torch.device):
 def check_device(args: Args, device: torch.device) -> None:
     """Refuse at start what would fail mid-run: bf16 where the device has none, and --compile
     where torch.compile cannot build anything (no C++ compiler, an unsupported platform)."""
-    if args.precision == "bf16":
-        has_bf16 = (torch.cuda.is_bf16_supported() if device.type == "cuda"
-                    else torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        if not has_bf16:
-            raise ValdiError(f"--precision bf16: this {device.type} device has no bfloat16 support; use fp32")
+    if args.precision == "bf16" and not has_native_bf16(device):
+        raise ValdiError(f"--precision bf16: this {device.type} device has no native bfloat16 arithmetic; use fp32")
     if args.compile:
         try:
             torch.compile(lambda x: torch.tanh(x) * 2 + 1)(torch.ones(4, device=device))
         except Exception as exc:  # whatever the toolchain raises, the advice is the same
             reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            raise ValdiError(f"--compile does not work on this machine ({reason}); drop --compile") from None
+            raise ValdiError(f"--compile does not work on this machine ({reason}); run with --no-compile") from None
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether the device computes in bfloat16 natively. Emulated bf16 (older GPUs, CPUs with
+    only AVX2) is slower than fp32, so it does not count."""
+    if device.type == "cuda":
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch < 2.3 knows no emulation and answers for the hardware
+            return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 # --- files: every write is atomic ------------------------------------------------------------
@@ -1163,8 +1251,10 @@ def save_checkpoint(run: Run) -> None:
         "target": run.target.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "counters": dict(run.counters),
+        # The run's own device's generator only: a CPU run never initialises CUDA, and a run
+        # saved with 8 GPUs visible resumes with one.
         "rng": {"numpy": run.rng.bit_generator.state, "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                "cuda": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None},
     }
     atomic_torch_save(state, run.dir / CHECKPOINT_NAME)
 
@@ -1221,6 +1311,7 @@ class Run:
     counters: dict
     rows: list  # progress.csv rows so far, as written
     env: gym.Env
+    lock: object = None  # the open RUN_DIR/lock while this process owns the run
     wall_start: float = 0.0
 
     def trajectory_path(self, k: int) -> Path:
@@ -1234,14 +1325,58 @@ def new_run(args: Args, device: torch.device, run_dir: Path | None = None) -> Ru
     rng = np.random.default_rng(args.seed)
     model = WorldModel(args).to(device)
     target = copy.deepcopy(model).requires_grad_(False)
-    # capturable: Adam's step counter on the GPU, which CUDA graphs (--compile on CUDA) need.
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999),
-                                 capturable=args.compile and device.type == "cuda")
+                                 capturable=capturable(args, device))
     buffer = ReplayBuffer(min(args.buffer_size, args.total_trajectories), args.max_episode_steps,
                           args.horizon, args.action_chunk, rng)
     counters = {"trajectories": 0, "env_steps": 0, "updates": 0, "wall_seconds": 0.0}
-    return Run(args, run_dir or new_run_dir(args), device, model, target, optimizer, buffer, rng, counters,
-               rows=[], env=make_env(args))
+    run_dir = run_dir or new_run_dir(args)
+    return Run(args, run_dir, device, model, target, optimizer, buffer, rng, counters, rows=[], env=make_env(args),
+               lock=lock_run_dir(run_dir))
+
+
+def lock_run_dir(run_dir: Path):
+    """Own RUN_DIR for the life of this process: an exclusive lock on RUN_DIR/lock, which holds
+    our process id. A second valdi.py on the same run is refused before it touches a file; a
+    lock left by a killed process is gone with it (the OS drops it), so a resume takes over."""
+    try:
+        import fcntl  # POSIX only
+    except ImportError:  # Windows: runs are not locked
+        return None
+    try:
+        f = open(run_dir / "lock", "a+")
+    except OSError as exc:
+        raise ValdiError(f"cannot open {run_dir / 'lock'}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        owner = f.read().strip() or "unknown"
+        f.close()
+        raise ValdiError(f"{run_dir} is in use by process {owner} (another valdi.py); wait for it or stop it "
+                         f"first") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def capturable(args: Args, device: torch.device) -> bool:
+    """Adam keeps its step counter on the GPU, as CUDA graphs (--compile on CUDA) need."""
+    return args.compile and device.type == "cuda"
+
+
+def fit_optimizer_to_device(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
+    """Adam state loaded from a checkpoint of another device or --compile setting: the saved
+    groups carry that run's `capturable`, and Adam asserts its step counters live where that
+    flag says (with the parameters when capturable, on the CPU otherwise). Set both for here."""
+    for group in optimizer.param_groups:
+        group["capturable"] = capturable
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(p.device if capturable else "cpu", torch.float32)
 
 
 def new_run_dir(args: Args) -> Path:
@@ -1269,6 +1404,7 @@ def resume_run(args: Args, device: torch.device) -> Run:
     run = new_run(args, device, run_dir)
     for module, key in ((run.model, "model"), (run.target, "target"), (run.optimizer, "optimizer")):
         load_weights(module, state[key], run_dir / CHECKPOINT_NAME)
+    fit_optimizer_to_device(run.optimizer, capturable=capturable(args, device))
     for group in run.optimizer.param_groups:  # a learning rate given with --resume wins
         group["lr"] = args.lr
     run.counters.update(state["counters"])
@@ -1292,8 +1428,11 @@ def resume_run(args: Args, device: torch.device) -> Run:
 
     run.rng.bit_generator.state = state["rng"]["numpy"]
     torch.set_rng_state(state["rng"]["torch"])
-    if device.type == "cuda" and state["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    cuda_rng = state["rng"].get("cuda")
+    if isinstance(cuda_rng, (list, tuple)):  # older checkpoints kept one state per visible GPU
+        cuda_rng = cuda_rng[0] if cuda_rng else None
+    if device.type == "cuda" and cuda_rng is not None:  # bit-identical continuation needs the same device
+        torch.cuda.set_rng_state(cuda_rng, device)
     run.rows = read_progress_rows(run_dir / "progress.csv", done)
     print(f"resumed {run_dir} after trajectory {done - 1} ({run.counters['updates']} updates)", file=sys.stderr)
     return run
