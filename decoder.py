@@ -30,6 +30,7 @@ no work.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import warnings
 from pathlib import Path
@@ -151,13 +152,22 @@ def load_dataset(run_dir: str | Path, path: Path | None = None) -> dict:
     return valdi.load_trajectory(path, DATASET_KEYS)  # the same plain-npz reader as the replay files
 
 
+def load_run(opts, device: torch.device) -> tuple[valdi.Args, valdi.WorldModel]:
+    """The run's flags and model, with --compile/--no-compile (when given) in place of the run's."""
+    args, model = valdi.load_run(opts.run_dir, device)
+    if opts.compile is not None:
+        args = dataclasses.replace(args, compile=opts.compile)
+    valdi.check_device(args, device)
+    return args, model
+
+
 def collect(opts) -> Path:
     """Roll out the run's own planner with no exploration noise on --episodes fresh tracks and
     keep every frame (with its proprio), episode by episode."""
     from tqdm import tqdm
 
     device = valdi.pick_device(opts.cuda)
-    args, model = valdi.load_run(opts.run_dir, device)
+    args, model = load_run(opts, device)
     if opts.max_episode_steps is not None:
         args.max_episode_steps = opts.max_episode_steps
         valdi.check_args(args)
@@ -232,7 +242,7 @@ def train(opts) -> Path:
     from tqdm import tqdm
 
     device = valdi.pick_device(opts.cuda)
-    args, model = valdi.load_run(opts.run_dir, device)
+    args, model = load_run(opts, device)
     data, latents, train_idx, val_idx = frozen_latents(opts, model, device)
     rgb = torch.from_numpy(data["rgb"])  # stays on the host as uint8; batches travel
     torch.manual_seed(opts.seed)
@@ -437,7 +447,7 @@ def diversity(opts) -> dict:
     if any(not 1 <= s <= valdi.DIFFUSION_T for s in opts.diffusion_steps):
         raise ValdiError(f"--diffusion-steps must lie in 1..{valdi.DIFFUSION_T}")
     device = valdi.pick_device(opts.cuda)
-    args, model = valdi.load_run(opts.run_dir, device)
+    args, model = load_run(opts, device)
     data = load_dataset(opts.run_dir)
     decoder, _ = load_decoder(opts.run_dir, device, args.latent_dim)
     candidates = start_frames(data, opts.skip_frames)
@@ -471,7 +481,7 @@ def diversity(opts) -> dict:
         "start_indices": starts.tolist(),  # rows of dataset.npz
         "dynamics": model.kind, "lpips_backbone": "random" if opts.lpips_random_backbone else "alexnet",
         "comparable_with_paper": not opts.lpips_random_backbone,
-        "paper_lpips": {str(k): v for k, v in PAPER_LPIPS.items()},
+        "paper_lpips": {str(k): v for k, v in PAPER_LPIPS.items()}, **valdi.device_record(device),
     }
     path = decoder_dir(opts.run_dir) / "diversity.json"
     valdi.write_json(path, result)
@@ -495,7 +505,7 @@ def futures(opts) -> Path:
     if not 1 <= opts.diffusion_steps <= valdi.DIFFUSION_T:
         raise ValdiError(f"--diffusion-steps must lie in 1..{valdi.DIFFUSION_T}")
     device = valdi.pick_device(opts.cuda)
-    args, model = valdi.load_run(opts.run_dir, device)
+    args, model = load_run(opts, device)
     data = load_dataset(opts.run_dir)
     decoder, _ = load_decoder(opts.run_dir, device, args.latent_dim)
     if opts.start is None:
@@ -600,6 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True,
                          help="use CUDA when it is available (--no-cuda forces the CPU)")
         sub.add_argument("--seed", type=int, default=0, help="seed of tracks, sampling and noise")
+        sub.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                         help="torch.compile the planner (default: as the run was trained)")
         return sub
 
     def lpips_flags(sub: argparse.ArgumentParser) -> None:

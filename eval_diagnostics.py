@@ -97,12 +97,14 @@ def load_runs(paths: list[str], device: torch.device, overrides: dict | None = N
         args, model = valdi.load_run(path, device)
         args = dataclasses.replace(args, **{k: v for k, v in (overrides or {}).items() if v is not None})
         valdi.check_args(args)
+        valdi.check_device(args, device)
         runs.append(Run(Path(path), run_dir_of(path), args, model))
     return runs
 
 
 def planner_overrides(ns: argparse.Namespace) -> dict:
-    return {"pop_size": ns.pop_size, "num_elites": ns.num_elites, "cem_iters": ns.cem_iters, "precision": ns.precision}
+    return {"pop_size": ns.pop_size, "num_elites": ns.num_elites, "cem_iters": ns.cem_iters, "precision": ns.precision,
+            "compile": ns.compile}
 
 
 def new_generator(device: torch.device, seed: int) -> torch.Generator:
@@ -213,9 +215,11 @@ def compare_with_fp32(fp32: dict, other: dict) -> None:
 
 
 def merge_results(old: dict | None, new: dict) -> dict:
-    """Keep earlier step counts when the protocol is the same (same tracks, frames and planner),
-    so a sweep can be run one step count at a time; otherwise the new file replaces the old."""
-    same = old is not None and all(old.get(k) == new[k] for k in ("track_seeds", "frames", "planner"))
+    """Keep earlier step counts when the protocol is the same (same tracks, frames and planner)
+    and so is the device (its kind, name and fp32 matmul precision), so a sweep can be run one
+    step count at a time; otherwise the new file replaces the old."""
+    same = old is not None and all(old.get(k) == new[k] for k in ("track_seeds", "frames", "planner", "device",
+                                                                   "device_name", "float32_matmul_precision"))
     if not same:
         return new
     steps = {r["diffusion_steps"] for r in new["results"]}
@@ -241,7 +245,7 @@ def cmd_returns(ns: argparse.Namespace) -> int:
                 bar.set_description(f"returns {run.args.dynamics}" + (f" {steps} steps" if steps else ""))
                 results.append(evaluate_returns(run, device, seeds, steps, bar))
             data = {"run": run.path, "dynamics": run.args.dynamics, "frames": ns.frames,
-                    "planner": planner_settings(run.args),
+                    "planner": planner_settings(run.args), **valdi.device_record(device),
                     "track_seeds": seeds, "results": results}
             # fp32 results in returns.json; other precisions beside it, compared with fp32 below.
             path = run.eval_dir / ("returns.json" if run.args.precision == "fp32" else f"returns_{run.args.precision}.json")
@@ -430,7 +434,7 @@ def cmd_consistency(ns: argparse.Namespace) -> int:
             "num_states": len(states["rgb"]), "num_tracks": len(np.unique(states["episode"])),
             "evaluation_tracks_in_dataset": states["evaluation_tracks_in_dataset"],
             "source": states["source"], "gamma_wm": run.args.gamma_wm,
-            "planner": planner_settings(run.args),
+            "planner": planner_settings(run.args), **valdi.device_record(device),
             "seed": ns.seed, "rows": rows})
         print(f"wrote {path}", file=sys.stderr)
         results.append((run.label, rows))
@@ -505,7 +509,7 @@ def cmd_grounding(ns: argparse.Namespace) -> int:
             path = valdi.write_json(run.eval_dir / "grounding.json", {
                 "run": run.path, "dynamics": run.args.dynamics, "diffusion_steps": steps,
                 "wm_steps": ns.wm_steps, "track_seeds": seeds, "returns": returns, "lengths": lengths,
-                "planner": planner_settings(run.args),
+                "planner": planner_settings(run.args), **valdi.device_record(device),
                 "rows": rows})
             bar.write(f"wrote {path}", file=sys.stderr)
             results.append((run.label, rows))
@@ -599,10 +603,9 @@ def speed_of(mode: str, precision: str, ns: argparse.Namespace, device: torch.de
         torch.manual_seed(0)
         model = valdi.WorldModel(args).to(device)
         target = copy.deepcopy(model).requires_grad_(False)
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, capturable=args.compile and device.type == "cuda")
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, capturable=valdi.capturable(args, device))
         batch = synthetic_batch(args, device)
-        step = valdi.compiled(valdi.update, args)
-        compile_s[f"update {dynamics}"], update_s = timed(lambda: step(model, target, optimizer, batch, args),
+        compile_s[f"update {dynamics}"], update_s = timed(lambda: valdi.update(model, target, optimizer, batch, args),
                                                           device, ns.repeats)
         row[f"update_ms_{dynamics}"] = 1000 * update_s
         if dynamics == "mlp":
@@ -633,12 +636,52 @@ def acting_rate(model: valdi.WorldModel, args: valdi.Args, device: torch.device,
         env.close()
 
 
+def batch_preparation(ns: argparse.Namespace, device: torch.device) -> dict:
+    """How long an update waits for its batch: gathered in line before each update, and by
+    valdi.replay_batches' worker thread during the previous update (what training does). The
+    buffer holds --replay-trajectories trajectories of 600 frames (the gather's cost is memory
+    traffic, so the buffer must be larger than the caches); eager fp32 Valdi updates."""
+    args = valdi.Args(batch_size=ns.batch_size, horizon=ns.horizon, cuda=ns.cuda)
+    rng = np.random.default_rng(0)
+    buffer = valdi.ReplayBuffer(ns.replay_trajectories, args.max_episode_steps, args.horizon, args.action_chunk, rng)
+    n = args.max_episode_steps
+    trajectory = {"rgb": rng.integers(0, 256, (n + 1, 96, 96, 3), dtype=np.uint8),
+                  "proprio": rng.standard_normal((n + 1, valdi.PROPRIO_DIM)).astype(np.float32),
+                  "actions": rng.uniform(-1, 1, (n, valdi.ENV_ACTION_DIM)).astype(np.float32),
+                  "rewards": rng.standard_normal(n).astype(np.float32), "terminated": False}
+    for _ in range(ns.replay_trajectories):
+        buffer.add(trajectory)
+    torch.manual_seed(0)
+    model = valdi.WorldModel(args).to(device)
+    target = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    learn = lambda batch: valdi.update(model, target, optimizer, batch, args)
+    fixed = valdi.to_device(buffer.sample(args.batch_size), device)
+    updates = ns.prep_updates
+    prepare_s = timed(lambda: valdi.to_device(buffer.sample(args.batch_size), device), device, ns.repeats)[1]
+    update_s = timed(lambda: learn(fixed), device, ns.repeats)[1]
+    inline_s = timed(lambda: [learn(valdi.to_device(buffer.sample(args.batch_size), device)) for _ in range(updates)],
+                     device, 1)[1] / updates
+    worker_s = timed(lambda: [learn(b) for b in valdi.replay_batches(buffer, args.batch_size, updates, device)],
+                     device, 1)[1] / updates
+    return {"replay_trajectories": ns.replay_trajectories, "batch_size": args.batch_size, "updates": updates,
+            "prepare_ms": 1000 * prepare_s, "update_ms": 1000 * update_s,
+            "inline_ms_per_update": 1000 * inline_s, "worker_ms_per_update": 1000 * worker_s,
+            "waiting_share_inline": max(0.0, inline_s - update_s) / inline_s,
+            "waiting_share_worker": max(0.0, worker_s - update_s) / worker_s}
+
+
 def cmd_speed(ns: argparse.Namespace) -> int:
     device = valdi.pick_device(ns.cuda)
-    variants = [v for v in VARIANTS if v[0] in ns.modes and v[1] in ns.precisions]
+    precisions = [p for p in ns.precisions if p != "bf16" or valdi.has_native_bf16(device)]
+    if precisions != ns.precisions:
+        print(f"note: bf16 skipped: this {device.type} device has no native bfloat16 arithmetic", file=sys.stderr)
+    variants = [v for v in VARIANTS if v[0] in ns.modes and v[1] in precisions]
+    if not variants:
+        raise valdi.ValdiError("nothing to measure: every requested variant needs bf16, which this device lacks")
     with progress(total=len(variants), desc="speed", unit="variant") as bar:
         peak = {p: matmul_peak(device, {"fp32": torch.float32, "bf16": torch.bfloat16}[p], ns.repeats)
-                for p in ns.precisions}
+                for p in precisions}
         rows = []
         for mode, precision in variants:
             bar.set_description(f"speed {mode} {precision}")
@@ -646,7 +689,8 @@ def cmd_speed(ns: argparse.Namespace) -> int:
             bar.update(1)
     base = rows[0]  # eager fp32 when it was measured: the ratios' reference
     flops = paper_flops(ns, device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    prep = batch_preparation(ns, device) if ns.replay_trajectories else None
+    name = f"{valdi.device_name(device)}" + ("" if device.type == "cuda" else f", {torch.get_num_threads()} threads")
     print(f"\nSpeed on {device} ({name}); planner {ns.pop_size} x {ns.cem_iters}, H = {ns.horizon}; update batch "
           f"{ns.batch_size}; median of {ns.repeats}; ratios to {base['mode']} {base['precision']}; efficiency: "
           f"FLOP rate / dense matmul of that precision ({', '.join(f'{p} {v / 1e12:.2f} TFLOP/s' for p, v in peak.items())})")
@@ -669,10 +713,16 @@ def cmd_speed(ns: argparse.Namespace) -> int:
         hours = (3e6 / r["act_fps"] + 3e5 * r["update_ms_diffusion"] / 1000) / 3600
         print(f"projected paper run, {r['mode']} {r['precision']}: {hours:.1f} h (3M frames at "
               f"{r['act_fps']:.1f}/s + 300k updates at {r['update_ms_diffusion']:.1f} ms)")
+    if prep:
+        print(f"batch preparation, batch {prep['batch_size']} from {prep['replay_trajectories']} trajectories: "
+              f"gather and copy {prep['prepare_ms']:.1f} ms, update {prep['update_ms']:.1f} ms; an update waits for "
+              f"its batch {100 * prep['waiting_share_inline']:.1f}% of its time when the batch is gathered in line, "
+              f"{100 * prep['waiting_share_worker']:.1f}% with the worker thread ({prep['updates']} updates each)")
     if ns.json:
         path = valdi.write_json(Path(ns.json), {
-            "device": str(device), "device_name": name, "torch": torch.__version__, "matmul_peak": peak,
-            "flops": flops, "flags": {k: v for k, v in vars(ns).items() if k != "func"}, "rows": rows})
+            **valdi.device_record(device), "device_label": name, "torch": torch.__version__, "matmul_peak": peak,
+            "flops": flops, "flags": {k: v for k, v in vars(ns).items() if k != "func"}, "rows": rows,
+            "batch_preparation": prep})
         print(f"wrote {path}", file=sys.stderr)
     return 0
 
@@ -888,6 +938,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
 def diffusion_steps_type(text: str) -> int:
     """DDIM steps must be in 1..T (valdi.DIFFUSION_T = 1000): 0 steps would imagine nothing."""
     try:
@@ -924,6 +984,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help=f"{what} for this evaluation (default: the run's own)")
     planner.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                          help="planner precision for this evaluation (default: the run's own)")
+    planner.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                         help="torch.compile the planner for this evaluation (default: the run's own)")
 
     def command(name, help, parents):
         return sub.add_parser(name, help=help, description=help, parents=parents,
@@ -974,6 +1036,10 @@ def add_speed_and_plot(command, device: list, runs: list) -> None:
                    help="which precisions to measure")
     p.add_argument("--act-frames", type=positive_int, default=30, help="env frames of the acting measurement")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed calls; the median is reported")
+    p.add_argument("--replay-trajectories", type=non_negative_int, default=50,
+                   help="600-frame trajectories in the buffer of the batch-preparation measurement (0: skip it)")
+    p.add_argument("--prep-updates", type=positive_int, default=5,
+                   help="updates timed per way of preparing batches")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the table as JSON to PATH")
     p.set_defaults(func=cmd_speed)
 

@@ -909,6 +909,45 @@ def test_resume_refuses_shape_changes(tiny_runs, flags, message, capsys):
     assert message in one_line_error(["--resume", str(tiny_runs["diffusion"]), *flags], capsys)
 
 
+def test_a_checkpoint_written_on_cuda_resumes_on_the_cpu(tiny_runs, tmp_path):
+    """What a --compile run on CUDA with 8 GPUs visible writes: Adam's groups with capturable=True,
+    and (older checkpoints) one CUDA generator state per GPU. On a CPU, with --no-compile, it
+    resumes; the groups are fitted to this device and only this device's generator is saved."""
+    run_dir = copy_run(tiny_runs["mlp"], tmp_path)
+    state = valdi.load_checkpoint(run_dir)
+    state["args"]["compile"] = True
+    for group in state["optimizer"]["param_groups"]:
+        group["capturable"] = True
+    state["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8) for _ in range(8)]
+    torch.save(state, run_dir / "checkpoint.pt")
+    assert valdi.main(["--resume", str(run_dir), "--total-trajectories", "3", "--no-compile", "--threads", "1"]) == 0
+    torch.set_num_threads(2)
+    resumed = valdi.load_checkpoint(run_dir)
+    assert resumed["counters"]["trajectories"] == 3 and resumed["counters"]["updates"] == 4
+    assert all(group["capturable"] is False for group in resumed["optimizer"]["param_groups"])
+    assert all(s["step"].device.type == "cpu" and s["step"] == 4 for s in resumed["optimizer"]["state"].values())
+    assert resumed["rng"]["cuda"] is None and resumed["args"]["compile"] is False
+
+
+def test_a_run_directory_belongs_to_one_process(tmp_path, capsys):
+    proc = start(*TINY, "--total-trajectories", "50", "--runs-dir", str(tmp_path))
+    try:
+        wait_for(lambda: list(tmp_path.glob("*/checkpoint.pt")), proc, "the first checkpoint")
+        run_dir = only_run_dir(tmp_path)
+        wait_for(lambda: (run_dir / "lock").read_text().strip() == str(proc.pid), proc, "the lock")
+        err = one_line_error(["--resume", str(run_dir), "--threads", "1"], capsys)
+        assert f"{run_dir} is in use by process {proc.pid}" in err
+        assert not (run_dir / "set_aside").exists() and proc.poll() is None  # nothing was touched
+    finally:
+        proc.kill()
+        proc.wait()
+    # A run left by a killed process is taken over.
+    done = valdi.load_checkpoint(run_dir)["counters"]["trajectories"]
+    assert valdi.main(["--resume", str(run_dir), "--total-trajectories", str(done + 1), "--threads", "1"]) == 0
+    torch.set_num_threads(2)
+    assert valdi.load_checkpoint(run_dir)["counters"]["trajectories"] == done + 1
+
+
 def test_resume_refuses_broken_runs_and_loses_nothing(tiny_runs, tmp_path, capsys):
     run_dir = copy_run(tiny_runs["diffusion"], tmp_path)
     ckpt, traj0 = run_dir / "checkpoint.pt", run_dir / "trajectories" / "000000.npz"
@@ -1030,6 +1069,8 @@ def test_returns_one_per_episode_and_step_count_and_reproducible(runs, evaluated
 
 
 def test_returns_in_bf16_beside_fp32_and_compared(runs, evaluated, capsys):
+    if not valdi.has_native_bf16(torch.device("cpu")):
+        pytest.skip("this CPU has no native bfloat16 arithmetic: bf16 evaluation is refused here (tested below)")
     before = (runs["diffusion"] / "eval" / "returns.json").read_bytes()
     assert ed.main(["returns", str(runs["diffusion"]), "--episodes", "2", "--frames", "15", "--diffusion-steps", "1",
                     "--precision", "bf16", "--no-cuda"]) == 0
@@ -1196,12 +1237,17 @@ def test_speed_table_rates_and_ratios(tmp_path, capsys):
     path = tmp_path / "speed.json"
     assert ed.main(["speed", "--pop-size", "16", "--num-elites", "4", "--cem-iters", "2", "--horizon", "2",
                     "--batch-size", "4", "--modes", "eager", "--act-frames", "6", "--repeats", "1",
-                    "--json", str(path), "--no-cuda"]) == 0
+                    "--replay-trajectories", "2", "--prep-updates", "2", "--json", str(path), "--no-cuda"]) == 0
     out = capsys.readouterr().out
-    assert "| eager fp32" in out and "| eager bf16" in out and "projected paper run" in out
+    assert "| eager fp32" in out and "projected paper run" in out
     data = json.loads(path.read_text())
-    base, bf16 = data["rows"]
-    assert (base["mode"], base["precision"], bf16["precision"]) == ("eager", "fp32", "bf16")
+    native = valdi.has_native_bf16(torch.device("cpu"))  # without it bf16 is skipped (tested below)
+    assert [(r["mode"], r["precision"]) for r in data["rows"]] == [("eager", "fp32")] + native * [("eager", "bf16")]
+    assert ("| eager bf16" in out) == native
+    prep = data["batch_preparation"]  # the data path: in line against the worker thread
+    assert prep["replay_trajectories"] == 2 and prep["prepare_ms"] > 0 and prep["update_ms"] > 0
+    assert 0 <= prep["waiting_share_worker"] < 1 and 0 <= prep["waiting_share_inline"] < 1
+    assert data["device"] == "cpu" and data["float32_matmul_precision"] == torch.get_float32_matmul_precision()
     assert "(1.00x)" in out.splitlines()[[i for i, line in enumerate(out.splitlines()) if "| eager fp32" in line][0]]
     rates = ("plan_hz_1", "plan_hz_8", "act_fps", "update_ms_diffusion", "update_ms_mlp")
     for row in data["rows"]:  # a clock read wrongly (a zero interval) would give inf or 0 here
@@ -1209,6 +1255,26 @@ def test_speed_table_rates_and_ratios(tmp_path, capsys):
         assert row["compile_s"] == {}  # eager: nothing compiled, no compile line
     assert "compile time" not in out
     assert data["flops"]["plan"] == 2 * 16 * (linears_of(2) + 2 * REWARD + VALUE)
+
+
+def test_without_native_bf16_it_is_skipped_in_the_table_and_refused_for_runs(tmp_path, capsys, monkeypatch):
+    """A CPU with only AVX2 has no native bfloat16 (torch's capability check answers no; made to
+    answer no here): the speed table measures fp32 alone and says why, a run is refused."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert not valdi.has_native_bf16(torch.device("cpu"))
+    path = tmp_path / "speed.json"
+    assert ed.main(["speed", "--pop-size", "16", "--num-elites", "4", "--cem-iters", "2", "--horizon", "2",
+                    "--batch-size", "4", "--modes", "eager", "--act-frames", "3", "--repeats", "1",
+                    "--replay-trajectories", "0", "--json", str(path), "--no-cuda"]) == 0
+    captured = capsys.readouterr()
+    assert "note: bf16 skipped: this cpu device has no native bfloat16 arithmetic" in captured.err
+    assert "| eager bf16" not in captured.out
+    assert [r["precision"] for r in json.loads(path.read_text())["rows"]] == ["fp32"]
+    assert ed.main(["speed", "--precisions", "bf16", "--no-cuda"]) == 2
+    assert "nothing to measure" in capsys.readouterr().err
+    err = one_line_error([*TINY, "--precision", "bf16", "--runs-dir", str(tmp_path / "runs")], capsys)
+    assert "--precision bf16: this cpu device has no native bfloat16 arithmetic; use fp32" in err
+    assert not (tmp_path / "runs").exists()
 
 
 # --- plot -----------------------------------------------------------------------------------------

@@ -870,6 +870,8 @@ def train(args: Args) -> Path:
     finally:
         log.close()
         run.env.close()
+        if run.lock is not None:
+            run.lock.close()  # the run directory is free for the next valdi.py
     return run.dir
 
 
@@ -1019,10 +1021,20 @@ def pick_device(cuda: bool = True) -> torch.device:
     return torch.device("cpu")
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model as Linux reports it."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "cpu")
+    except OSError:
+        return "cpu"
+
+
 def device_record(device: torch.device) -> dict:
     """What an evaluation ran on: the device, its name, and how fp32 matmuls were computed."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"device": device.type, "device_name": name,
+    return {"device": device.type, "device_name": device_name(device),
             "float32_matmul_precision": torch.get_float32_matmul_precision()}
 
 
