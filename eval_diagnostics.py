@@ -783,6 +783,20 @@ def block_means(log: dict, block: int) -> list[dict]:
     return rows
 
 
+def seed_block_means(per_seed: list[list[dict]]) -> list[dict]:
+    """Block means of the return, per seed and their mean ± s.e. over seeds, for the blocks
+    every seed completed."""
+    rows = []
+    for blocks in zip(*per_seed):
+        if len({b["trajectories"] for b in blocks}) > 1:  # a seed's last block is not complete
+            break
+        values = [b["return"] for b in blocks]
+        stats = summarize(values)
+        rows.append({"trajectories": blocks[0]["trajectories"], "per_seed": values,
+                     "mean": stats["mean"], "sem": stats["sem"], "seeds": len(values)})
+    return rows
+
+
 def save_figure(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
     valdi.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
@@ -790,20 +804,42 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
+def by_system(runs: dict) -> dict:
+    """Runs grouped by their dynamics: the runs of one system are its seeds."""
+    systems = {}
+    for run_dir, (flags, log) in runs.items():
+        systems.setdefault(SYSTEM_NAMES.get(flags.get("dynamics"), str(flags.get("dynamics"))), []).append(
+            (run_dir, flags, log))
+    return systems
+
+
+def seed_mean(curves: list[np.ndarray]) -> np.ndarray:
+    """The mean over seeds of per-seed curves, over the trajectories every seed reached."""
+    n = min(len(c) for c in curves)
+    return np.mean([c[:n] for c in curves], axis=0)
+
+
 def plot_training_returns(runs: dict, window: int, path: Path) -> Path:
-    """Fig. 4 (left): the return of every training trajectory, thin, with its trailing mean."""
+    """Fig. 4 (left): per seed, the trailing mean of the training returns (thin); per system,
+    the mean over its seeds (thick). One seed: the thin line is its raw returns."""
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for color, (run_dir, (flags, log)) in zip(COLORS, runs.items()):
-        ax.plot(log["trajectory"], log["return"], color=color, alpha=0.25, linewidth=0.7)
-        ax.plot(log["trajectory"], moving_average(log["return"], window), color=color, linewidth=2,
-                label=f"{run_dir.name} ({flags.get('dynamics', '?')})")
+    for color, (system, seeds) in zip(COLORS, by_system(runs).items()):
+        curves = [moving_average(log["return"], window) for _, _, log in seeds]
+        for run_dir, flags, log in seeds:
+            thin = log["return"] if len(seeds) == 1 else moving_average(log["return"], window)
+            ax.plot(log["trajectory"], thin, color=color, alpha=0.3, linewidth=0.8)
+        mean = seed_mean(curves)
+        ax.plot(np.arange(len(mean)), mean, color=color, linewidth=2.2,
+                label=f"{system}, " + (f"mean of {len(seeds)} seeds" if len(seeds) > 1 else seeds[0][0].name))
+        flags = seeds[0][1]
         if "seed_trajectories" in flags:  # Algorithm 1: no updates before this line
             ax.axvline(flags["seed_trajectories"] - 0.5, color=color, linestyle=":", linewidth=1)
     frames = sorted({str(flags.get("max_episode_steps", "?")) for flags, _ in runs.values()})
     ax.set_xlabel("training trajectory (dotted: end of the seed trajectories)")
     ax.set_ylabel(f"return per trajectory ({', '.join(frames)} frames)")
-    ax.set_title(f"Training returns (Fig. 4 left); thick: trailing mean of {window}")
+    ax.set_title(f"Training returns (Fig. 4 left); trailing mean of {window}: thin per seed, thick over seeds",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -816,20 +852,23 @@ def plot_training_losses(runs: dict, window: int, path: Path) -> Path:
     dynamics loss, SIGReg near its floor and a steady latent norm mean the model learns."""
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(TRAINING_CURVES), figsize=(3.3 * len(TRAINING_CURVES), 3.5))
-    for color, (run_dir, (flags, log)) in zip(COLORS, runs.items()):
-        trained = ~np.isnan(log["loss_total"])
+    for color, (system, seeds) in zip(COLORS, by_system(runs).items()):
         for ax, (column, _) in zip(axes, TRAINING_CURVES):
-            x, y = log["trajectory"][trained], log[column][trained]
-            ax.plot(x, y, color=color, alpha=0.3, linewidth=0.7)
-            ax.plot(x, moving_average(y, window), color=color, linewidth=1.8,
-                    label=f"{run_dir.name} ({flags.get('dynamics', '?')})")
+            per_seed = [log[column][~np.isnan(log["loss_total"])] for _, _, log in seeds]
+            first = int(seeds[0][2]["trajectory"][~np.isnan(seeds[0][2]["loss_total"])][0])
+            mean = seed_mean(per_seed)  # per trajectory, over seeds
+            x = first + np.arange(len(mean))
+            ax.plot(x, mean, color=color, alpha=0.3, linewidth=0.7)
+            ax.plot(x, moving_average(mean, window), color=color, linewidth=1.8,
+                    label=f"{system} ({len(seeds)} seed{'s' * (len(seeds) > 1)})")
     for ax, (column, title) in zip(axes, TRAINING_CURVES):
         ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("training trajectory")
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"Training losses (mean of each trajectory's updates); thick: trailing mean of {window}", fontsize=10)
+    fig.suptitle(f"Training losses (each trajectory's updates, mean over seeds); thick: trailing mean of {window}",
+                 fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -882,6 +921,7 @@ def plot_diffusion_steps(evals: dict, path: Path) -> Path:
 
 
 COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+SYSTEM_NAMES = {"diffusion": "Valdi", "mlp": "MLP"}
 
 
 def cmd_plot(ns: argparse.Namespace) -> int:
@@ -910,8 +950,11 @@ def cmd_plot(ns: argparse.Namespace) -> int:
                         "best_return": float(log["return"].max())}
                for d, (flags, log) in runs.items() if len(log["return"])}
     blocks = {d.name: block_means(log, ns.block) for d, (_, log) in runs.items()}
+    over_seeds = {system: {"runs": [d.name for d, _, _ in seeds],
+                           "blocks": seed_block_means([block_means(log, ns.block) for _, _, log in seeds])}
+                  for system, seeds in by_system(runs).items()}
     valdi.write_json(out_dir / "plot.json", {"figures": written, "window": ns.window, "runs": summary,
-                                              "blocks": blocks})
+                                              "blocks": blocks, "blocks_over_seeds": over_seeds})
     print(markdown_table(["run", "dynamics", "trajectories", f"last mean of {ns.window}", "best return"],
                          [[name, r["dynamics"], r["trajectories"], fmt(r["final_moving_average"], 1),
                            fmt(r["best_return"], 1)] for name, r in summary.items()]))
@@ -920,6 +963,11 @@ def cmd_plot(ns: argparse.Namespace) -> int:
         print(f"\n{name}: means over blocks of {ns.block} trajectories")
         print(markdown_table(["trajectories", *columns],
                              [[r["trajectories"], *(fmt(r[c], 3 if c != "return" else 1) for c in columns)] for r in rows]))
+    for system, group in over_seeds.items():
+        print(f"\n{system}: mean return over blocks of {ns.block} trajectories, per seed and over seeds")
+        print(markdown_table(["trajectories", *group["runs"], "mean ± s.e. over seeds"],
+                             [[r["trajectories"], *(fmt(v, 1) for v in r["per_seed"]),
+                               f"{fmt(r['mean'], 1)} ± {fmt(r['sem'], 1)}"] for r in group["blocks"]]))
     for path in written:
         print(f"wrote {path}")
     return 0

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,12 @@ import eval_diagnostics as ed
 import valdi
 
 HERE = Path(__file__).resolve().parent
+if os.environ.get("VALDI_TEST_NO_BF16"):
+    # `VALDI_TEST_NO_BF16=1 python -m pytest` runs the suite as a CPU without native bfloat16
+    # (AVX2 only) would: torch's capability check answers no, as it does there.
+    torch.ops.mkldnn._is_mkldnn_bf16_supported = lambda: False
+NATIVE_BF16 = valdi.has_native_bf16(torch.device("cpu"))
+NO_BF16 = "this CPU has no native bfloat16 arithmetic: bf16 runs are refused here (tested by the no-bf16 tests)"
 TINY = ["--total-trajectories", "2", "--seed-trajectories", "1", "--max-episode-steps", "30",
         "--pop-size", "16", "--num-elites", "4", "--cem-iters", "2", "--batch-size", "4",
         "--updates-per-trajectory", "2", "--no-cuda"]
@@ -459,6 +466,8 @@ def test_bf16_losses_are_finite_and_close_to_fp32_on_a_real_batch(tiny_runs):
     keeps 8 bits of mantissa (0.4% per rounding); through the encoder and the transformer the
     losses move by about a percent, so 5% catches a real precision bug (an fp16-style overflow,
     a loss computed in bf16 end to end) without failing on rounding."""
+    if not NATIVE_BF16:
+        pytest.skip(NO_BF16)
     args = valdi.Args(dynamics="diffusion", batch_size=16, cuda=False)
     buffer = valdi.ReplayBuffer(2, 30, args.horizon, args.action_chunk, np.random.default_rng(0))
     for k in (0, 1):
@@ -1069,8 +1078,8 @@ def test_returns_one_per_episode_and_step_count_and_reproducible(runs, evaluated
 
 
 def test_returns_in_bf16_beside_fp32_and_compared(runs, evaluated, capsys):
-    if not valdi.has_native_bf16(torch.device("cpu")):
-        pytest.skip("this CPU has no native bfloat16 arithmetic: bf16 evaluation is refused here (tested below)")
+    if not NATIVE_BF16:
+        pytest.skip(NO_BF16)
     before = (runs["diffusion"] / "eval" / "returns.json").read_bytes()
     assert ed.main(["returns", str(runs["diffusion"]), "--episodes", "2", "--frames", "15", "--diffusion-steps", "1",
                     "--precision", "bf16", "--no-cuda"]) == 0
@@ -1241,9 +1250,9 @@ def test_speed_table_rates_and_ratios(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| eager fp32" in out and "projected paper run" in out
     data = json.loads(path.read_text())
-    native = valdi.has_native_bf16(torch.device("cpu"))  # without it bf16 is skipped (tested below)
-    assert [(r["mode"], r["precision"]) for r in data["rows"]] == [("eager", "fp32")] + native * [("eager", "bf16")]
-    assert ("| eager bf16" in out) == native
+    # Without native bf16 the bf16 row is skipped (tested below).
+    assert [(r["mode"], r["precision"]) for r in data["rows"]] == [("eager", "fp32")] + NATIVE_BF16 * [("eager", "bf16")]
+    assert ("| eager bf16" in out) == NATIVE_BF16
     prep = data["batch_preparation"]  # the data path: in line against the worker thread
     assert prep["replay_trajectories"] == 2 and prep["prepare_ms"] > 0 and prep["update_ms"] > 0
     assert 0 <= prep["waiting_share_worker"] < 1 and 0 <= prep["waiting_share_inline"] < 1
@@ -1295,6 +1304,31 @@ def test_plot_draws_every_figure_from_the_runs_files(runs, evaluated, tmp_path, 
         returns = [float(r["return"]) for r in read_rows(runs[kind])]
         assert summary[runs[kind].name] == {"dynamics": kind, "trajectories": 2, "best_return": max(returns),
                                             "final_moving_average": pytest.approx(np.mean(returns))}
+
+
+def test_plot_groups_seeds_by_system(runs, tmp_path, capsys):
+    """Runs of one dynamics are seeds of one system: Fig. 4 gets their mean, and the block table
+    each seed's block mean with the mean ± s.e. over seeds."""
+    import csv
+    second = copy_run(runs["diffusion"], tmp_path / "seed2")
+    rows = read_rows(second)
+    for row in rows:
+        row["return"] = str(float(row["return"]) + 10)
+    with open(second / "progress.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=valdi.CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    out_dir = tmp_path / "figures"
+    assert ed.main(["plot", str(runs["diffusion"]), str(second), str(runs["mlp"]), "--out-dir", str(out_dir),
+                    "--window", "2", "--block", "2"]) == 0
+    over = json.loads((out_dir / "plot.json").read_text())["blocks_over_seeds"]
+    first = np.mean([float(r["return"]) for r in read_rows(runs["diffusion"])])
+    (block,) = over["Valdi"]["blocks"]
+    assert over["Valdi"]["runs"] == [runs["diffusion"].name, second.name] and block["seeds"] == 2
+    assert block["per_seed"] == pytest.approx([first, first + 10])
+    assert (block["mean"], block["sem"]) == (pytest.approx(first + 5), pytest.approx(5.0))
+    assert over["MLP"]["blocks"][0]["seeds"] == 1 and over["MLP"]["blocks"][0]["sem"] is None
+    assert "mean ± s.e. over seeds" in capsys.readouterr().out
 
 
 # --- bad input: one line, non-zero exit, no traceback ---------------------------------------------
@@ -1505,3 +1539,138 @@ def test_decoder_bad_input_is_one_line(bad_input_dirs, case, argv, expected, cap
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("decoder.py: error:"), lines
     assert expected in lines[0]
+
+
+# =============================================================================================
+# On a GPU: `python -m pytest -m cuda` runs exactly these; without CUDA they are skipped
+# =============================================================================================
+# The mark is registered here rather than in a config file (the project keeps none): pytest
+# warns about an unknown mark only where it is first used.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
+    cuda_mark = pytest.mark.cuda
+
+
+def on_cuda(test):
+    """Marked `cuda` (what -m cuda selects), and skipped where CUDA is missing."""
+    return cuda_mark(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))
+
+
+CUDA_TINY = [flag for flag in TINY if flag != "--no-cuda"]
+
+
+@pytest.fixture(scope="module")
+def cuda_runs(tmp_path_factory):
+    """One tiny run per dynamics trained on CUDA (eager), as the user runs it."""
+    runs = {}
+    for dynamics in ("diffusion", "mlp"):
+        parent = tmp_path_factory.mktemp(f"cuda_{dynamics}")
+        assert valdi.main([*CUDA_TINY, "--runs-dir", str(parent), "--dynamics", dynamics]) == 0
+        runs[dynamics] = only_run_dir(parent)
+    return runs
+
+
+@pytest.mark.parametrize("dynamics", ["diffusion", "mlp"])
+@on_cuda
+def test_cuda_compiled_agrees_with_eager_without_cudagraph_skips(cuda_runs, dynamics):
+    """On CUDA --compile records CUDA graphs: the whole CEM search per plan, and the update's
+    parts. Scores, plans and three updates (fresh randomness each) agree with eager, and
+    inductor counts no CUDA-graph skip (a skip would mean silent eager fallback)."""
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+    cuda = torch.device("cuda")
+    _, model = valdi.load_run(cuda_runs[dynamics], cuda)
+    eager_args, compiled_args = tiny_args(dynamics=dynamics, cuda=True), tiny_args(dynamics=dynamics, cuda=True,
+                                                                                   compile=True)
+    counters.clear()
+    z = torch.randn(2, eager_args.latent_dim, device=cuda)
+    plans = [valdi.plan(model, z, a, diffusion_steps=2, generator=torch.Generator(cuda).manual_seed(3))
+             for a in (eager_args, compiled_args, compiled_args)]  # the second compiled call replays
+    assert torch.allclose(plans[0], plans[1], atol=1e-4) and torch.equal(plans[1], plans[2])
+    buffer = valdi.ReplayBuffer(2, 30, eager_args.horizon, eager_args.action_chunk, np.random.default_rng(0))
+    for k in (0, 1):
+        buffer.add(valdi.load_trajectory(cuda_runs[dynamics] / "trajectories" / f"00000{k}.npz"))
+    batches = [valdi.to_device(buffer.sample(8), cuda) for _ in range(3)]
+    stats = []
+    for args in (eager_args, compiled_args):
+        net, target = copy.deepcopy(model), copy.deepcopy(model).requires_grad_(False)
+        optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, capturable=valdi.capturable(args, cuda))
+        torch.manual_seed(11)
+        with inductor_config.patch(fallback_random=True):
+            stats.append(torch.stack([valdi.update(net, target, optimizer, b, args) for b in batches]))
+    assert torch.allclose(stats[1], stats[0], rtol=1e-3, atol=1e-5)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+
+
+@on_cuda
+def test_cuda_run_killed_and_resumed_and_moved_between_devices(tmp_path):
+    """A CUDA run killed mid-run resumes on CUDA; its checkpoint also resumes on the CPU, and a
+    CPU checkpoint resumes on CUDA with --compile (capturable Adam)."""
+    proc = start(*CUDA_TINY, "--total-trajectories", "4", "--runs-dir", str(tmp_path / "cuda"))
+    wait_for(lambda: list((tmp_path / "cuda").glob("*/trajectories/000001.npz")), proc, "trajectory 1", 600)
+    proc.kill()
+    proc.wait()
+    run_dir = only_run_dir(tmp_path / "cuda")
+    assert run_cli("--resume", str(run_dir), timeout=600).returncode == 0
+    state = valdi.load_checkpoint(run_dir)
+    assert state["counters"]["trajectories"] == 4 and state["rng"]["cuda"].dtype == torch.uint8
+    cpu_copy = copy_run(run_dir, tmp_path / "on_cpu")
+    result = run_cli("--resume", str(cpu_copy), "--no-cuda", "--total-trajectories", "5", timeout=600)
+    assert result.returncode == 0, result.stderr
+    back = run_cli("--resume", str(cpu_copy), "--compile", "--total-trajectories", "6", timeout=900)
+    assert back.returncode == 0, back.stderr
+    groups = valdi.load_checkpoint(cpu_copy)["optimizer"]["param_groups"]
+    assert all(group["capturable"] for group in groups)
+
+
+@on_cuda
+def test_no_cuda_never_initialises_cuda(tmp_path):
+    script = ("import torch, valdi, sys\n"
+              f"assert valdi.main({[*TINY, '--total-trajectories', '1', '--runs-dir', str(tmp_path)]!r}) == 0\n"
+              "print('initialised', torch.cuda.is_initialized())\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert "initialised False" in result.stdout, result.stderr
+
+
+@on_cuda
+def test_cuda_bf16_losses_close_to_fp32(cuda_runs):
+    if not valdi.has_native_bf16(torch.device("cuda")):
+        pytest.skip("this GPU has no native bfloat16")
+    cuda = torch.device("cuda")
+    args = valdi.Args(batch_size=16)
+    buffer = valdi.ReplayBuffer(2, 30, args.horizon, args.action_chunk, np.random.default_rng(0))
+    for k in (0, 1):
+        buffer.add(valdi.load_trajectory(cuda_runs["diffusion"] / "trajectories" / f"00000{k}.npz"))
+    batch = valdi.to_device(buffer.sample(args.batch_size), cuda)
+    _, model = valdi.load_run(cuda_runs["diffusion"], cuda)
+    target = copy.deepcopy(model).requires_grad_(False)
+    parts = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(3)
+        with torch.no_grad():
+            parts[precision] = valdi.forward_losses(model, target, batch, dataclasses.replace(args, precision=precision))[1]
+    for name in valdi.UPDATE_STATS:
+        assert parts["bf16"][name].dtype == torch.float32 and torch.isfinite(parts["bf16"][name]), name
+        assert float(parts["bf16"][name]) == pytest.approx(float(parts["fp32"][name]), rel=0.05), name
+
+
+@on_cuda
+def test_cuda_evaluation_of_a_compiled_checkpoint_records_the_device(cuda_runs, tmp_path, capsys):
+    run_dir = copy_run(cuda_runs["diffusion"], tmp_path)
+    state = valdi.load_checkpoint(run_dir)
+    state["args"]["compile"] = True
+    torch.save(state, run_dir / "checkpoint.pt")
+    assert ed.main(["returns", str(run_dir), "--episodes", "2", "--frames", "15"]) == 0
+    data = json.loads((run_dir / "eval" / "returns.json").read_text())
+    assert data["device"] == "cuda" and data["device_name"] == torch.cuda.get_device_name()
+    assert data["float32_matmul_precision"] == "high" and len(data["results"][0]["returns"]) == 2
+
+
+@on_cuda
+def test_cuda_speed_table(tmp_path, capsys):
+    path = tmp_path / "speed.json"
+    assert ed.main(["speed", "--pop-size", "64", "--num-elites", "8", "--cem-iters", "4", "--batch-size", "16",
+                    "--act-frames", "6", "--repeats", "2", "--replay-trajectories", "4", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    assert data["device"] == "cuda" and {r["mode"] for r in data["rows"]} == {"eager", "compiled"}
+    assert all(r["plan_hz_1"] > 0 and r["update_ms_diffusion"] > 0 for r in data["rows"])
