@@ -551,8 +551,8 @@ def futures(opts) -> Path:
             "dynamics": model.kind, "lpips_backbone": "random" if opts.lpips_random_backbone else "alexnet",
             "actions": actions[0].cpu().tolist()}
     valdi.write_json(out / "futures.json", info)
-    if model.kind == "mlp":
-        print("note: the MLP dynamics is deterministic, so all futures (and all 4 rows) are the same")
+    if not model.dynamics.stochastic:
+        print(f"note: the {model.kind} dynamics is deterministic, so all futures (and all 4 rows) are the same")
     print(f"futures {list(chosen)} (sum of pairwise LPIPS {score:.4f}) -> {png}")
     return png
 

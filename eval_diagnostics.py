@@ -234,8 +234,9 @@ def cmd_returns(ns: argparse.Namespace) -> int:
     for run in runs:  # the evaluation episode length, whatever the run trained with (600, Supp. E)
         run.args = dataclasses.replace(run.args, max_episode_steps=ns.frames)
     seeds = fixed_track_seeds(ns.episodes)
-    # The MLP has no diffusion steps: it is evaluated once (Fig. 3 draws it as a horizontal line).
-    plan_steps = {r.label: ([None] if r.args.dynamics == "mlp" else (ns.diffusion_steps or [r.args.diffusion_steps]))
+    # A deterministic dynamics (the MLP) has no sampling steps: it is evaluated once (Fig. 3 draws
+    # it as a horizontal line).
+    plan_steps = {r.label: ((ns.diffusion_steps or [r.args.diffusion_steps]) if r.model.dynamics.stochastic else [None])
                   for r in runs}
     rows = []
     with progress(total=len(seeds) * sum(len(s) for s in plan_steps.values()), desc="returns", unit="ep") as bar:
@@ -411,9 +412,7 @@ def consistency_of_run(run: Run, device: torch.device, rgb: np.ndarray, proprio:
 
 def run_steps(run: Run, requested: int | None) -> int | None:
     """Diffusion steps for planning and imagination: the run's own unless asked otherwise."""
-    if run.args.dynamics == "mlp":
-        return None
-    return requested or run.args.diffusion_steps
+    return (requested or run.args.diffusion_steps) if run.model.dynamics.stochastic else None
 
 
 def cmd_consistency(ns: argparse.Namespace) -> int:
@@ -558,16 +557,21 @@ def flops_of(fn) -> int:
 
 
 def paper_flops(ns: argparse.Namespace, device: torch.device) -> dict:
-    """FLOPs of one plan (Valdi, 1 step) and one Valdi update at these settings, eager fp32."""
-    args = valdi.Args(pop_size=ns.pop_size, num_elites=ns.num_elites, cem_iters=ns.cem_iters, horizon=ns.horizon,
-                      batch_size=ns.batch_size, cuda=ns.cuda)
-    model = valdi.WorldModel(args).to(device)
-    target = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    batch = synthetic_batch(args, device)
-    z = torch.randn(1, args.latent_dim, device=device)
-    return {"plan": flops_of(lambda: valdi.plan(model, z, args, 0.0, 1)),
-            "update": flops_of(lambda: valdi.update(model, target, optimizer, batch, args))}
+    """FLOPs of one plan (--planner-dynamics, 1 step) and one Valdi update at these settings, eager fp32."""
+    flops = {}
+    for what, dynamics in (("plan", ns.planner_dynamics), ("update", "diffusion")):
+        args = valdi.Args(dynamics=dynamics, pop_size=ns.pop_size, num_elites=ns.num_elites, cem_iters=ns.cem_iters,
+                          horizon=ns.horizon, batch_size=ns.batch_size, cuda=ns.cuda)
+        model = valdi.WorldModel(args).to(device)
+        if what == "plan":
+            z = torch.randn(1, args.latent_dim, device=device)
+            flops[what] = flops_of(lambda: valdi.plan(model, z, args, 0.0, 1))
+        else:
+            target = copy.deepcopy(model).requires_grad_(False)
+            optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+            batch = synthetic_batch(args, device)
+            flops[what] = flops_of(lambda: valdi.update(model, target, optimizer, batch, args))
+    return flops
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int) -> float:
@@ -591,10 +595,10 @@ def synthetic_batch(args: valdi.Args, device: torch.device) -> dict:
 
 
 def speed_of(mode: str, precision: str, ns: argparse.Namespace, device: torch.device) -> dict:
-    """One row of the table: Valdi's planner at 1 and 8 steps, acting, and one update of each
-    dynamics, with fresh networks (speed depends on shapes, not on weights)."""
+    """One row of the table: the planner of --planner-dynamics at 1 and 8 steps, acting, and one
+    update of each of --dynamics, with fresh networks (speed depends on shapes, not on weights)."""
     row, compile_s = {"mode": mode, "precision": precision}, {}
-    for dynamics in ("diffusion", "mlp"):
+    for dynamics in dict.fromkeys([*ns.dynamics, ns.planner_dynamics]):
         args = valdi.Args(dynamics=dynamics, pop_size=ns.pop_size, num_elites=ns.num_elites, cem_iters=ns.cem_iters,
                           horizon=ns.horizon, batch_size=ns.batch_size, cuda=ns.cuda,
                           compile=mode == "compiled", precision=precision)
@@ -605,10 +609,11 @@ def speed_of(mode: str, precision: str, ns: argparse.Namespace, device: torch.de
         target = copy.deepcopy(model).requires_grad_(False)
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, capturable=valdi.capturable(args, device))
         batch = synthetic_batch(args, device)
-        compile_s[f"update {dynamics}"], update_s = timed(lambda: valdi.update(model, target, optimizer, batch, args),
-                                                          device, ns.repeats)
-        row[f"update_ms_{dynamics}"] = 1000 * update_s
-        if dynamics == "mlp":
+        if dynamics in ns.dynamics:
+            compile_s[f"update {dynamics}"], update_s = timed(
+                lambda: valdi.update(model, target, optimizer, batch, args), device, ns.repeats)
+            row[f"update_ms_{dynamics}"] = 1000 * update_s
+        if dynamics != ns.planner_dynamics:
             continue
         z = torch.randn(1, args.latent_dim, device=device)  # one start latent, as the agent plans
         for steps in (1, 8):  # .cpu() on the plan is the agent's one sync per plan
@@ -673,6 +678,7 @@ def batch_preparation(ns: argparse.Namespace, device: torch.device) -> dict:
 
 def cmd_speed(ns: argparse.Namespace) -> int:
     device = valdi.pick_device(ns.cuda)
+    ns.dynamics = list(dict.fromkeys(["diffusion", *ns.dynamics]))  # Valdi's update: the projection's
     precisions = [p for p in ns.precisions if p != "bf16" or valdi.has_native_bf16(device)]
     if precisions != ns.precisions:
         print(f"note: bf16 skipped: this {device.type} device has no native bfloat16 arithmetic", file=sys.stderr)
@@ -695,24 +701,33 @@ def cmd_speed(ns: argparse.Namespace) -> int:
           f"{ns.batch_size}; median of {ns.repeats}; ratios to {base['mode']} {base['precision']}; efficiency: "
           f"FLOP rate / dense matmul of that precision ({', '.join(f'{p} {v / 1e12:.2f} TFLOP/s' for p, v in peak.items())})")
     table = []
+    planner, label = ns.planner_dynamics, lambda kind: valdi.DYNAMICS[kind].label
     for r in rows:
         ratio = lambda key, inverse=False: (base[key] / r[key]) if inverse else (r[key] / base[key])
-        eff = lambda kind, per_s: fmt(100 * flops[kind] * per_s / peak[r["precision"]], 1)
+        eff = lambda what, per_s: fmt(100 * flops[what] * per_s / peak[r["precision"]], 1)
         table.append([f"{r['mode']} {r['precision']}", f"{fmt(r['plan_hz_1'])} ({fmt(ratio('plan_hz_1'))}x)",
                       f"{fmt(r['plan_hz_8'])} ({fmt(ratio('plan_hz_8'))}x)", f"{fmt(r['act_fps'], 1)} ({fmt(ratio('act_fps'))}x)",
-                      f"{fmt(r['update_ms_diffusion'], 1)} ({fmt(ratio('update_ms_diffusion', True))}x)",
-                      f"{fmt(r['update_ms_mlp'], 1)} ({fmt(ratio('update_ms_mlp', True))}x)",
+                      *(f"{fmt(r[f'update_ms_{kind}'], 1)} ({fmt(ratio(f'update_ms_{kind}', True))}x)"
+                        for kind in ns.dynamics),
                       eff("plan", r["plan_hz_1"]), eff("update", 1000 / r["update_ms_diffusion"])])
-    print(markdown_table(["variant", "plan Hz, 1 step", "plan Hz, 8 steps", "acting frames/s", "update ms (Valdi)",
-                          "update ms (MLP)", "plan % of peak", "update % of peak"], table))
+    print(markdown_table(["variant", f"plan Hz, 1 step ({label(planner)})", "plan Hz, 8 steps", "acting frames/s",
+                          *(f"update ms ({label(kind)})" for kind in ns.dynamics), "plan % of peak",
+                          "update % of peak (Valdi)"], table))
+    # A whole run of the paper's length, 5000 trajectories = 3M env frames with a plan every 3 and
+    # 300k updates, at the rates measured here; the paper's run only if its settings were measured.
+    paper = valdi.Args()
+    measured = (ns.pop_size, ns.num_elites, ns.cem_iters, ns.horizon, ns.batch_size)
+    at_paper = measured == (paper.pop_size, paper.num_elites, paper.cem_iters, paper.horizon, paper.batch_size)
+    what = ("the paper's run" if at_paper else
+            f"a run of the paper's length at these settings (planner {ns.pop_size} x {ns.num_elites} x {ns.cem_iters}, "
+            f"H = {ns.horizon}, batch {ns.batch_size}; not the paper's)")
     for r in rows:
         if r["compile_s"]:
             print(f"compile time, {r['mode']} {r['precision']} (first call, not in the rates): "
                   + ", ".join(f"{k} {v:.1f} s" for k, v in r["compile_s"].items()))
-        # The paper's run: 5000 trajectories = 3M env frames with a plan every 3, and 300k updates.
         hours = (3e6 / r["act_fps"] + 3e5 * r["update_ms_diffusion"] / 1000) / 3600
-        print(f"projected paper run, {r['mode']} {r['precision']}: {hours:.1f} h (3M frames at "
-              f"{r['act_fps']:.1f}/s + 300k updates at {r['update_ms_diffusion']:.1f} ms)")
+        print(f"projected {what}, {r['mode']} {r['precision']}: {hours:.1f} h (3M frames at "
+              f"{r['act_fps']:.1f}/s + 300k Valdi updates at {r['update_ms_diffusion']:.1f} ms)")
     if prep:
         print(f"batch preparation, batch {prep['batch_size']} from {prep['replay_trajectories']} trajectories: "
               f"gather and copy {prep['prepare_ms']:.1f} ms, update {prep['update_ms']:.1f} ms; an update waits for "
@@ -808,8 +823,8 @@ def by_system(runs: dict) -> dict:
     """Runs grouped by their dynamics: the runs of one system are its seeds."""
     systems = {}
     for run_dir, (flags, log) in runs.items():
-        systems.setdefault(SYSTEM_NAMES.get(flags.get("dynamics"), str(flags.get("dynamics"))), []).append(
-            (run_dir, flags, log))
+        kind = valdi.DYNAMICS.get(flags.get("dynamics"))
+        systems.setdefault(kind.label if kind else str(flags.get("dynamics")), []).append((run_dir, flags, log))
     return systems
 
 
@@ -882,9 +897,10 @@ def plot_diffusion_steps(evals: dict, path: Path) -> Path:
     ax2, all_steps = None, set()
     for color, (run_dir, data) in zip(COLORS, evals.items()):
         results = data["results"]
-        if data["dynamics"] == "mlp":
+        kind = valdi.DYNAMICS.get(data["dynamics"])
+        if kind is not None and not kind.stochastic:
             r = results[0]
-            ax.axhline(r["mean"], color=color, linestyle="--", label=f"{run_dir.name} (MLP)")
+            ax.axhline(r["mean"], color=color, linestyle="--", label=f"{run_dir.name} ({kind.label})")
             if r.get("sem"):
                 ax.axhspan(r["mean"] - r["sem"], r["mean"] + r["sem"], color=color, alpha=0.1)
             continue
@@ -892,7 +908,7 @@ def plot_diffusion_steps(evals: dict, path: Path) -> Path:
         mean = np.array([r["mean"] for r in results])
         sem = np.array([r.get("sem") or 0.0 for r in results])
         all_steps.update(steps.tolist())
-        ax.plot(steps, mean, "o-", color=color, label=f"{run_dir.name} (Valdi)")
+        ax.plot(steps, mean, "o-", color=color, label=f"{run_dir.name} ({kind.label if kind else data['dynamics']})")
         ax.fill_between(steps, mean - sem, mean + sem, color=color, alpha=0.15)
         diversity = decoder.decoder_dir(run_dir) / "diversity.json"
         if diversity.is_file():
@@ -921,7 +937,6 @@ def plot_diffusion_steps(evals: dict, path: Path) -> Path:
 
 
 COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
-SYSTEM_NAMES = {"diffusion": "Valdi", "mlp": "MLP"}
 
 
 def cmd_plot(ns: argparse.Namespace) -> int:
@@ -1078,6 +1093,10 @@ def add_speed_and_plot(command, device: list, runs: list) -> None:
     p.add_argument("--cem-iters", type=positive_int, default=defaults.cem_iters, help="CEM iterations")
     p.add_argument("--horizon", type=positive_int, default=defaults.horizon, help="planning horizon H")
     p.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="segments per update")
+    p.add_argument("--dynamics", nargs="+", choices=list(valdi.DYNAMICS), default=["diffusion", "mlp"],
+                   help="dynamics whose update is timed (Valdi's is always among them)")
+    p.add_argument("--planner-dynamics", choices=list(valdi.DYNAMICS), default="diffusion",
+                   help="dynamics whose planner and acting rate are timed")
     p.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"],
                    help="which execution modes to measure")
     p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],

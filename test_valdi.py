@@ -57,7 +57,7 @@ def tiny_runs(tmp_path_factory):
     """One tiny trained run per dynamics, made through the CLI entry point. Shared by the tests
     of valdi.py and of the companion scripts; tests that modify a run copy it first."""
     runs = {}
-    for dynamics in ("diffusion", "mlp"):
+    for dynamics in valdi.DYNAMICS:
         parent = tmp_path_factory.mktemp(f"runs_{dynamics}")
         assert valdi.main([*TINY, "--runs-dir", str(parent), "--dynamics", dynamics]) == 0
         runs[dynamics] = only_run_dir(parent)
@@ -83,6 +83,10 @@ def tiny_args(**overrides) -> valdi.Args:
                    "total": 5_390_230}),
     ("mlp", {"encoder": 1_052_896, "dynamics": 3_603_520, "reward": 546_049, "value": 592_898,
              "total": 5_795_363}),
+    # Rectified flow: Valdi's transformer with the 1000 x 32 timestep table replaced by
+    # Linear(32, 32), SiLU, Linear(32, 32) on 16 sin/cos frequency pairs (two 32 x 32 + 32).
+    ("flow", {"encoder": 1_052_896, "dynamics": 3_198_387 - 1000 * 32 + 2 * (32 * 32 + 32), "reward": 546_049,
+              "value": 592_898, "total": 5_390_230 - 1000 * 32 + 2 * (32 * 32 + 32)}),
 ])
 def test_parameter_counts(dynamics, expected):
     model = valdi.WorldModel(valdi.Args(dynamics=dynamics))
@@ -243,6 +247,48 @@ def test_ddim_with_exact_velocity_oracle_recovers_clean_latents(n):
     torch.testing.assert_close(out, clean, atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_euler_with_the_exact_velocity_recovers_clean_latents(n):
+    """On the straight line x_t = (1 - t) noise + t z the velocity is z - noise, the same at every
+    t: Euler integration is then exact for any number of steps."""
+    torch.manual_seed(n)
+    clean, noise = torch.randn(16, 5, 64), torch.randn(16, 5, 64)
+    seen = []
+
+    def oracle(x, t):
+        seen.append(t)
+        return (clean - x) / (1 - t)  # equals clean - noise on the line through x
+    torch.testing.assert_close(valdi.euler_sample(oracle, noise, n), clean, atol=1e-5, rtol=1e-5)
+    assert seen == [i / n for i in range(n)]
+
+
+def test_flow_time_embedding_loss_and_sampler_by_hand():
+    torch.manual_seed(0)
+    flow = valdi.WorldModel(valdi.Args(dynamics="flow")).dynamics
+    t = torch.tensor([0.0, 0.25, 1.0])
+    freqs = flow.time_embed.freqs
+    np.testing.assert_allclose(freqs.numpy(), np.geomspace(1, 1000, 16), rtol=1e-6)  # 1 .. 1000, log-spaced
+    angles = 2 * math.pi * t[:, None] * freqs
+    features = torch.cat([angles.sin(), angles.cos()], dim=-1)
+    mlp = flow.time_embed.mlp
+    by_hand = mlp[2](torch.nn.functional.silu(mlp[0](features)))
+    torch.testing.assert_close(flow.embed_time(t), by_hand)
+
+    z0, z_bar, actions = torch.randn(4, 64), torch.randn(4, 5, 64), torch.randn(4, 5, 9)
+    torch.manual_seed(1)
+    loss, z_hat = flow.loss(z0, z_bar, actions)
+    torch.manual_seed(1)  # the same draws: t per segment, then the noise
+    t, noise = torch.rand(4), torch.randn(4, 5, 64)
+    x_t = (1 - t[:, None, None]) * noise + t[:, None, None] * z_bar
+    u_hat = flow(z0, x_t, actions, t)
+    torch.testing.assert_close(loss, ((u_hat - (z_bar - noise)) ** 2).mean())
+    torch.testing.assert_close(z_hat, x_t + (1 - t[:, None, None]) * u_hat)
+
+    x = torch.randn(4, 5, 64)  # two Euler steps: t = 0, then t = 1/2
+    half = x + flow(z0, x, actions, torch.zeros(1)) / 2
+    torch.testing.assert_close(flow.sample(z0, actions, 2, x), half + flow(z0, half, actions, torch.full((1,), 0.5)) / 2)
+
+
 def test_imagine_shapes_and_stochasticity():
     torch.manual_seed(0)
     model = valdi.WorldModel(valdi.Args()).eval()
@@ -393,7 +439,7 @@ def test_compiled_planner_and_update_agree_with_eager(tiny_runs):
     z = torch.randn(2, eager_args.latent_dim, generator=generator())
     z_pop = z.repeat_interleave(eager_args.pop_size, 0)
     samples = torch.randn(2, eager_args.pop_size, 15, 3, generator=generator())
-    noise = model.sampling_noise(z_pop, eager_args.horizon, generator())
+    noise = model.sampling_noise(z_pop, generator())
     discounts = eager_args.gamma_wm ** torch.arange(eager_args.horizon + 1.0)
     cpu = torch.device("cpu")
     with torch.no_grad():
@@ -664,7 +710,7 @@ def test_exploration_schedule():
 # ---------------------------------------------------------------------------------------------
 # The online loop through the CLI: files, checkpoint, resume
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dynamics", ["diffusion", "mlp"])
+@pytest.mark.parametrize("dynamics", ["diffusion", "mlp", "flow"])
 def test_tiny_run_writes_everything(tiny_runs, dynamics):
     run_dir = tiny_runs[dynamics]
     rows = read_rows(run_dir)
@@ -1248,7 +1294,9 @@ def test_speed_table_rates_and_ratios(tmp_path, capsys):
                     "--batch-size", "4", "--modes", "eager", "--act-frames", "6", "--repeats", "1",
                     "--replay-trajectories", "2", "--prep-updates", "2", "--json", str(path), "--no-cuda"]) == 0
     out = capsys.readouterr().out
-    assert "| eager fp32" in out and "projected paper run" in out
+    assert "| eager fp32" in out and "projected the paper's run" not in out  # a tiny planner is not the paper's
+    assert ("projected a run of the paper's length at these settings (planner 16 x 4 x 2, H = 2, batch 4; "
+            "not the paper's), eager fp32") in out
     data = json.loads(path.read_text())
     # Without native bf16 the bf16 row is skipped (tested below).
     assert [(r["mode"], r["precision"]) for r in data["rows"]] == [("eager", "fp32")] + NATIVE_BF16 * [("eager", "bf16")]
@@ -1329,6 +1377,35 @@ def test_plot_groups_seeds_by_system(runs, tmp_path, capsys):
     assert (block["mean"], block["sem"]) == (pytest.approx(first + 5), pytest.approx(5.0))
     assert over["MLP"]["blocks"][0]["seeds"] == 1 and over["MLP"]["blocks"][0]["sem"] is None
     assert "mean ± s.e. over seeds" in capsys.readouterr().out
+
+
+def test_flow_runs_through_every_command(tiny_runs, tmp_path, capsys):
+    """--dynamics flow goes wherever diffusion goes: resume, returns over step counts, Table 1's
+    diagnostics, the decoder's diversity and futures, and the speed table."""
+    run = copy_run(tiny_runs["flow"], tmp_path)
+    assert valdi.main(["--resume", str(run), "--total-trajectories", "3", "--threads", "1"]) == 0
+    torch.set_num_threads(2)
+    assert valdi.load_checkpoint(run)["counters"]["trajectories"] == 3
+    assert ed.main(["returns", str(run), "--episodes", "2", "--frames", "15", "--diffusion-steps", "1", "2",
+                    "--no-cuda"]) == 0
+    returns = json.loads((run / "eval" / "returns.json").read_text())
+    assert returns["dynamics"] == "flow" and [r["diffusion_steps"] for r in returns["results"]] == [1, 2]
+    assert decoder.main(["collect", str(run), "--episodes", "2", "--no-cuda"]) == 0
+    assert ed.main(["consistency", str(run), "--num-states", "8", "--plan-batch", "8", "--no-cuda"]) == 0
+    assert ed.main(["grounding", str(run), "--episodes", "1", "--wm-steps", "6", "--no-cuda"]) == 0
+    assert len(json.loads((run / "eval" / "grounding.json").read_text())["rows"]) == 5  # h = 1..H
+    assert decoder.main(["train", str(run), "--steps", "2", "--batch-size", "4", "--eval-every", "2",
+                         "--val-max-frames", "4", "--num-images", "2", "--no-cuda"]) == 0
+    assert decoder.main(["diversity", str(run), "--num-starts", "2", "--num-futures", "3", "--diffusion-steps", "1",
+                         "2", *LPIPS_FLAGS]) == 0
+    diversity = read_diversity(run)
+    assert diversity["dynamics"] == "flow" and min(diversity["lpips_mean"]) > 0  # its futures differ
+    assert decoder.main(["futures", str(run), "--num-futures", "4", "--diffusion-steps", "2", *LPIPS_FLAGS]) == 0
+    assert ed.main(["speed", "--pop-size", "16", "--num-elites", "4", "--cem-iters", "2", "--horizon", "2",
+                    "--batch-size", "4", "--modes", "eager", "--precisions", "fp32", "--act-frames", "3",
+                    "--repeats", "1", "--replay-trajectories", "0", "--dynamics", "flow",
+                    "--planner-dynamics", "flow", "--no-cuda"]) == 0
+    assert "update ms (flow)" in capsys.readouterr().out
 
 
 # --- bad input: one line, non-zero exit, no traceback ---------------------------------------------

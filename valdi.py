@@ -74,7 +74,8 @@ def flag(default, help):
 @dataclass
 class Args:
     # --- the run ---
-    dynamics: str = flag("diffusion", "latent dynamics: 'diffusion' (Valdi) or 'mlp' (TD-MPC-like baseline)")
+    dynamics: str = flag("diffusion", "latent dynamics: 'diffusion' (Valdi), 'mlp' (the TD-MPC-like baseline) or "
+                                      "'flow' (rectified flow on Valdi's transformer)")
     seed: int = flag(1, "seed of torch, numpy and the training tracks")
     cuda: bool = flag(True, "use CUDA when it is available (--no-cuda forces the CPU)")
     threads: int = flag(0, "torch CPU threads for the whole process (0: torch's default, one per core)")
@@ -239,6 +240,15 @@ def ddim_sample(velocity_fn, noise: torch.Tensor, steps: int, alpha_bar: torch.T
     raise ValueError("steps must be >= 1")
 
 
+def euler_sample(velocity_fn, noise: torch.Tensor, steps: int) -> torch.Tensor:
+    """The sampler of rectified flow (the --dynamics flow alternative): from x_0 = noise, Euler
+    steps x <- x + u_hat(x, t) / n at t = 0, 1/n, ..., (n-1)/n, ending at t = 1 (data)."""
+    x = noise
+    for i in range(steps):
+        x = x + velocity_fn(x, i / steps) / steps
+    return x
+
+
 # =============================================================================================
 # 5. Networks (Supp. B, Table 2)
 # =============================================================================================
@@ -301,46 +311,155 @@ class TransformerBlock(nn.Module):
         return x + self.ffn(self.norm2(x))
 
 
-class DiffusionDynamics(nn.Module):
-    """D_theta of Valdi: predicts the velocity u_hat of the whole noised future z^tau_{1..H}
-    (Sec. 3, "Dynamics"), conditioned on z_t, the H action chunks and the timestep tau.
+# --- the dynamics: one interface, one class per kind ----------------------------------------
+# Every kind of latent dynamics answers two questions, and nothing else in the file asks which
+# kind it is:
+#   loss(z0, z_bar, actions) -> (dynamics loss, z_hat_{1..H})  training: the loss of this kind and
+#       the estimate of the future latents that the reward and value losses see (Algorithm 1
+#       lines 14-18 for Valdi)
+#   sample(z0, actions, steps, noise) -> z_{1..H}               planning: the imagined future from
+#       given noise (noise_shape says which; None for a deterministic kind)
+# A new kind is one class with these two methods, registered under the name --dynamics takes.
+DYNAMICS: dict[str, type] = {}
 
-    Tokens (width 256), one per world-model step, conditioning by channel concatenation:
-      token 0      = [z_t (64), learned vector (192)]                       the condition
-      token k=1..H = [tau embedding (32), learned position k (151), action chunk k-1 (9),
-                      noised latent k (64)]
-    The learned per-position vector is the only positional encoding.
-    """
+
+def register(name: str):
+    """Make a dynamics class available as --dynamics NAME (and to the companion scripts)."""
+    def add(cls):
+        DYNAMICS[name] = cls
+        return cls
+    return add
+
+
+class DenoisingTransformer(nn.Module):
+    """The network of Valdi's dynamics (Sec. 3, "Dynamics"): a bidirectional transformer that
+    reads the noised future z^t_{1..H} conditioned on z_t, the H action chunks and the noise
+    level t, and predicts a velocity for every future latent. Tokens (width 256), one per
+    world-model step, conditioning by channel concatenation:
+      token 0      = [z_t (D), learned vector (256 - D)]                       the condition
+      token k=1..H = [time embedding (32), learned position k, action chunk k-1, noised latent k]
+    The learned per-position vector is the only positional encoding. Subclasses say how the
+    noise level is embedded, how the network is trained and how it is sampled."""
+    stochastic = True  # its futures depend on the sampling noise
+    label = "?"  # the name figures and tables give it
 
     def __init__(self, latent_dim: int, action_dim: int, horizon: int, depth: int = 6):
         super().__init__()
-        self.tau_embed = nn.Embedding(DIFFUSION_T, TAU_EMBED_DIM)
+        self.horizon, self.latent_dim = horizon, latent_dim
+        self.make_time_embedding()  # first: a seed gives the same initial weights as it always did
         self.cond_fill = nn.Parameter(0.02 * torch.randn(TOKEN_WIDTH - latent_dim))
         self.position = nn.Parameter(
             0.02 * torch.randn(horizon, TOKEN_WIDTH - TAU_EMBED_DIM - action_dim - latent_dim))
         self.blocks = nn.ModuleList(TransformerBlock() for _ in range(depth))
         self.norm = nn.LayerNorm(TOKEN_WIDTH, bias=False)
         self.readout = nn.Linear(TOKEN_WIDTH, latent_dim, bias=False)
-        self.register_buffer("alpha_bar", linear_alpha_bar(), persistent=False)
+
+    def make_time_embedding(self) -> None:
+        """Register the module that embeds the noise level."""
+        raise NotImplementedError
+
+    def embed_time(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) or (1,) noise levels -> (B or 1, 32)."""
+        raise NotImplementedError
 
     def forward(self, z0: torch.Tensor, z_noisy: torch.Tensor, actions: torch.Tensor,
-                tau: torch.Tensor) -> torch.Tensor:
-        """z0 (B, D), z_noisy (B, H, D), actions (B, H, A), tau (B,) or () long -> u_hat (B, H, D)."""
+                t: torch.Tensor) -> torch.Tensor:
+        """z0 (B, D), z_noisy (B, H, D), actions (B, H, A), t (B,) or (1,) -> velocity (B, H, D)."""
         B, H, _ = z_noisy.shape
         condition = torch.cat([z0, self.cond_fill.expand(B, -1)], dim=-1).unsqueeze(1)
-        tau_emb = self.tau_embed(tau).reshape(-1, 1, TAU_EMBED_DIM).expand(B, H, -1)
-        future = torch.cat([tau_emb, self.position.expand(B, -1, -1), actions, z_noisy], dim=-1)
+        t_emb = self.embed_time(t).reshape(-1, 1, TAU_EMBED_DIM).expand(B, H, -1)
+        future = torch.cat([t_emb, self.position.expand(B, -1, -1), actions, z_noisy], dim=-1)
         x = torch.cat([condition, future], dim=1)
         for block in self.blocks:
             x = block(x)
         return self.readout(self.norm(x[:, 1:]))  # token 0's output is discarded
 
+    def noise_shape(self, batch: int) -> tuple[int, ...]:
+        return (batch, self.horizon, self.latent_dim)
+
+
+@register("diffusion")
+class DiffusionDynamics(DenoisingTransformer):
+    """D_theta of Valdi: the H future latents diffused jointly (Supp. A.2), the network trained
+    to predict the velocity u of the v-parameterisation (Eq. 7) at a discrete timestep tau,
+    embedded by a learned Embedding(1000, 32); sampled with deterministic DDIM."""
+    label = "Valdi"
+
+    def __init__(self, latent_dim: int, action_dim: int, horizon: int, depth: int = 6):
+        super().__init__(latent_dim, action_dim, horizon, depth)
+        self.register_buffer("alpha_bar", linear_alpha_bar(), persistent=False)
+
+    def make_time_embedding(self) -> None:
+        self.tau_embed = nn.Embedding(DIFFUSION_T, TAU_EMBED_DIM)
+
+    def embed_time(self, tau: torch.Tensor) -> torch.Tensor:
+        return self.tau_embed(tau)
+
+    def loss(self, z0: torch.Tensor, z_bar: torch.Tensor, actions: torch.Tensor):
+        """Algorithm 1 lines 14-18: one random tau per segment, shared by its H future tokens."""
+        tau = torch.randint(0, DIFFUSION_T, (z0.shape[0],), device=z0.device)
+        ab = self.alpha_bar[tau].view(-1, 1, 1)
+        eps = torch.randn_like(z_bar)
+        z_noisy = add_noise(z_bar, eps, ab)
+        u_hat = self(z0, z_noisy, actions, tau)
+        # Eq. 7 writes the loss as the norm ||u - u_hat||; the mean squared error is how it is
+        # realised, as in the published implementation (the same minimiser; its gradient shrinks
+        # with the error, where the norm's stays of unit size).
+        loss = F.mse_loss(u_hat, velocity_target(z_bar, eps, ab))
+        return loss, reconstruct(z_noisy, u_hat, ab)  # Eq. 1: reward and value see denoised latents
+
     def sample(self, z0: torch.Tensor, actions: torch.Tensor, steps: int, noise: torch.Tensor) -> torch.Tensor:
         """Imagine z_{1..H} from the pure noise z^999 = `noise` with `steps` deterministic DDIM
         steps (Sec. 4). The noise comes in from outside, so that this is a pure function."""
-        def velocity(z: torch.Tensor, t: int) -> torch.Tensor:
-            return self(z0, z, actions, torch.full((1,), t, dtype=torch.long, device=z0.device))
+        def velocity(z: torch.Tensor, tau: int) -> torch.Tensor:
+            return self(z0, z, actions, torch.full((1,), tau, dtype=torch.long, device=z0.device))
         return ddim_sample(velocity, noise, steps, self.alpha_bar)
+
+
+class FourierTime(nn.Module):
+    """A continuous time t in [0, 1] -> 32 features: sin and cos of 2 pi t f for 16 frequencies
+    f log-spaced from 1 to 1000, then Linear(32, 32), SiLU, Linear(32, 32)."""
+
+    def __init__(self, frequencies: int = 16):
+        super().__init__()
+        self.register_buffer("freqs", torch.logspace(0, 3, frequencies), persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(2 * frequencies, TAU_EMBED_DIM), nn.SiLU(),
+                                 nn.Linear(TAU_EMBED_DIM, TAU_EMBED_DIM))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        angles = 2 * math.pi * t.float()[:, None] * self.freqs
+        return self.mlp(torch.cat([angles.sin(), angles.cos()], dim=-1))
+
+
+@register("flow")
+class FlowDynamics(DenoisingTransformer):
+    """Rectified flow on the same network (a third kind of the published implementation, not in
+    the paper's tables): x_t = (1 - t) noise + t z on the straight line from noise (t = 0) to data
+    (t = 1); the network predicts the line's velocity u = z - noise; sampling integrates it with
+    Euler steps from t = 0 to 1."""
+    label = "flow"
+
+    def make_time_embedding(self) -> None:
+        self.time_embed = FourierTime()
+
+    def embed_time(self, t: torch.Tensor) -> torch.Tensor:
+        return self.time_embed(t)
+
+    def loss(self, z0: torch.Tensor, z_bar: torch.Tensor, actions: torch.Tensor):
+        """One flow time t ~ U[0, 1] per segment; MSE to the velocity; reward and value see the
+        one-step estimate z_hat = x_t + (1 - t) u_hat (the analogue of Eq. 1)."""
+        t = torch.rand(z0.shape[0], device=z0.device)
+        noise = torch.randn_like(z_bar)
+        t_ = t.view(-1, 1, 1)
+        x_t = (1 - t_) * noise + t_ * z_bar
+        u_hat = self(z0, x_t, actions, t)
+        return F.mse_loss(u_hat, z_bar - noise), x_t + (1 - t_) * u_hat
+
+    def sample(self, z0: torch.Tensor, actions: torch.Tensor, steps: int, noise: torch.Tensor) -> torch.Tensor:
+        """Imagine z_{1..H} from `noise` with `steps` Euler steps (--diffusion-steps)."""
+        def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
+            return self(z0, x, actions, torch.full((1,), t, device=z0.device))
+        return euler_sample(velocity, noise, steps)
 
 
 class ResidualMLP(nn.Module):
@@ -362,12 +481,15 @@ class ResidualMLP(nn.Module):
         return self.out(x)
 
 
+@register("mlp")
 class MLPDynamics(nn.Module):
     """The TD-MPC-style baseline, Eq. 4's z_{k+1} = D(z_k, a_k), rolled out autoregressively.
     D is realised as a residual step z_k + f([z_k, a_k]), as in the published implementation: f
     learns the change of the latent, which starts near zero. One future per action sequence."""
+    stochastic = False  # no sampling noise: one future per action sequence
+    label = "MLP"
 
-    def __init__(self, latent_dim: int, action_dim: int):
+    def __init__(self, latent_dim: int, action_dim: int, horizon: int):
         super().__init__()
         self.f = ResidualMLP(latent_dim + action_dim, 384, 6, latent_dim)
 
@@ -378,6 +500,17 @@ class MLPDynamics(nn.Module):
             z = z + self.f(torch.cat([z, actions[:, k]], dim=-1))
             future.append(z)
         return torch.stack(future, dim=1)
+
+    def loss(self, z0: torch.Tensor, z_bar: torch.Tensor, actions: torch.Tensor):
+        """TD-MPC's latent consistency: roll out from z_t, match the EMA targets."""
+        future = self(z0, actions)
+        return F.mse_loss(future, z_bar), future
+
+    def sample(self, z0: torch.Tensor, actions: torch.Tensor, steps: int, noise) -> torch.Tensor:
+        return self(z0, actions)  # deterministic: no steps, no noise
+
+    def noise_shape(self, batch: int) -> None:
+        return None
 
 
 class ValueEnsemble(nn.Module):
@@ -401,14 +534,11 @@ class WorldModel(nn.Module):
 
     def __init__(self, args: Args):
         super().__init__()
-        self.kind = args.dynamics
+        self.kind = args.dynamics  # the --dynamics name, for labels
         self.horizon = args.horizon
         action_dim = ENV_ACTION_DIM * args.action_chunk  # 9: one world-model step = 3 env actions
         self.encoder = Encoder(args.latent_dim)
-        if args.dynamics == "diffusion":
-            self.dynamics = DiffusionDynamics(args.latent_dim, action_dim, args.horizon)
-        else:
-            self.dynamics = MLPDynamics(args.latent_dim, action_dim)
+        self.dynamics = DYNAMICS[args.dynamics](args.latent_dim, action_dim, args.horizon)
         self.reward_head = ResidualMLP(args.latent_dim + action_dim, 256, 2, 1)
         self.value_heads = ValueEnsemble(args.latent_dim)
 
@@ -419,20 +549,16 @@ class WorldModel(nn.Module):
                 generator: torch.Generator | None = None) -> torch.Tensor:
         """Latent trajectory [z_0, z_1..z_H] (B, H+1, D) for actions (B, H, A). Valdi denoises
         the H future latents jointly with `diffusion_steps` DDIM steps; the MLP rolls out."""
-        return self.rollout(z0, actions, diffusion_steps, self.sampling_noise(z0, actions.shape[1], generator))
+        return self.rollout(z0, actions, diffusion_steps, self.sampling_noise(z0, generator))
 
-    def sampling_noise(self, z0: torch.Tensor, horizon: int, generator: torch.Generator | None = None):
-        """The pure noise Valdi's sampler starts from, (B, H, D); None for the deterministic MLP."""
-        if self.kind != "diffusion":
-            return None
-        return torch.randn(z0.shape[0], horizon, z0.shape[-1], device=z0.device, generator=generator)
+    def sampling_noise(self, z0: torch.Tensor, generator: torch.Generator | None = None):
+        """The pure noise a stochastic dynamics samples from, (B, H, D); None for a deterministic one."""
+        shape = self.dynamics.noise_shape(z0.shape[0])
+        return None if shape is None else torch.randn(shape, device=z0.device, generator=generator)
 
     def rollout(self, z0: torch.Tensor, actions: torch.Tensor, diffusion_steps: int, noise) -> torch.Tensor:
         """imagine() with its randomness given: a pure function of its inputs."""
-        if self.kind == "diffusion":
-            future = self.dynamics.sample(z0, actions, diffusion_steps, noise)
-        else:
-            future = self.dynamics(z0, actions)
+        future = self.dynamics.sample(z0, actions, diffusion_steps, noise)
         return torch.cat([z0.unsqueeze(1), future], dim=1)
 
     def reward(self, z: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -520,21 +646,8 @@ def compute_losses(model: WorldModel, target: WorldModel, batch: dict, args: Arg
         z_bar = target.encode(rgb[:, 1:H + 1], proprio[:, 1:H + 1])  # EMA targets of the dynamics
     td_target = td_targets(model, target, batch, reward_target, args)
 
-    if model.kind == "diffusion":
-        # Algorithm 1 lines 14-18: one random tau per segment, shared by its H future tokens.
-        tau = torch.randint(0, DIFFUSION_T, (z0.shape[0],), device=z0.device)
-        ab = model.dynamics.alpha_bar[tau].view(-1, 1, 1)
-        eps = torch.randn_like(z_bar)
-        z_noisy = add_noise(z_bar, eps, ab)
-        u_hat = model.dynamics(z0, z_noisy, actions[:, :H], tau)
-        # Eq. 7 writes the loss as the norm ||u - u_hat||; the mean squared error is how it is
-        # realised, as in the published implementation (the same minimiser; its gradient shrinks
-        # with the error, where the norm's stays of unit size).
-        dynamics_loss = F.mse_loss(u_hat, velocity_target(z_bar, eps, ab))
-        future = reconstruct(z_noisy, u_hat, ab)  # Eq. 1: reward and value see denoised latents
-    else:
-        future = model.dynamics(z0, actions[:, :H])  # TD-MPC's latent consistency: roll out, match
-        dynamics_loss = F.mse_loss(future, z_bar)
+    # Lines 14-18: the dynamics' own loss (Valdi: Eq. 7) and its estimate of z_{1..H} (Eq. 1).
+    dynamics_loss, future = model.dynamics.loss(z0, z_bar, actions[:, :H])
     trajectory = torch.cat([z0.unsqueeze(1), future], dim=1)  # (B, H+1, D)
 
     reward_loss = F.mse_loss(model.reward(trajectory, actions), reward_target)
@@ -751,7 +864,7 @@ def plan(model: WorldModel, z: torch.Tensor, args: Args, noise_std: float = 0.0,
         # (candidates, then Valdi's sampling noise, per iteration): the same numbers as drawing
         # them inside the loop, and the search itself becomes a pure function.
         draws = [(torch.randn((B, P, H * c, ENV_ACTION_DIM), device=z.device, generator=generator),
-                  model.sampling_noise(z_pop, H, generator)) for _ in range(args.cem_iters)]
+                  model.sampling_noise(z_pop, generator)) for _ in range(args.cem_iters)]
         sample_noise = torch.stack([candidates for candidates, _ in draws])
         dynamics_noise = None if draws[0][1] is None else torch.stack([noise for _, noise in draws])
         # --compile (section 10): on CUDA the whole search is one graph, replayed as one CUDA graph
@@ -907,7 +1020,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         if isinstance(f.default, bool):
             parser.add_argument(name, action=argparse.BooleanOptionalAction, **kwargs)
         elif f.name == "dynamics":
-            parser.add_argument(name, choices=["diffusion", "mlp"], **kwargs)
+            parser.add_argument(name, choices=list(DYNAMICS), **kwargs)
         elif f.name == "precision":
             parser.add_argument(name, choices=["fp32", "bf16"], **kwargs)
         elif f.name == "resume":
@@ -967,7 +1080,7 @@ def check_args(args: Args) -> None:
         refuse("grad_clip", "positive and finite")
     segment = args.action_chunk * (args.horizon + 1)  # env steps spanned by one replay segment
     problems = [
-        (args.dynamics not in ("diffusion", "mlp"), f"unknown dynamics {args.dynamics!r} (diffusion or mlp)"),
+        (args.dynamics not in DYNAMICS, f"unknown dynamics {args.dynamics!r} ({', '.join(DYNAMICS)})"),
         (args.precision not in ("fp32", "bf16"), f"unknown precision {args.precision!r} (fp32 or bf16)"),
         (args.num_elites > args.pop_size, f"--num-elites {args.num_elites} exceeds --pop-size {args.pop_size}"),
         (args.max_episode_steps < segment,
