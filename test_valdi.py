@@ -93,6 +93,17 @@ def test_parameter_counts(dynamics, expected):
     assert valdi.count_parameters(model) == expected
 
 
+@pytest.mark.parametrize("system", ["valdi", "mlp"])
+def test_the_checkpoints_in_docs_load_and_plan(system):
+    """The learning-check weights shipped in docs/ fit today's networks, name for name, and plan."""
+    path = HERE / "docs" / "learning-check" / system
+    args, model = valdi.load_run(path)
+    assert args.dynamics == {"valdi": "diffusion", "mlp": "mlp"}[system]
+    planned = valdi.plan(model, torch.zeros(1, args.latent_dim), dataclasses.replace(args, cuda=False),
+                         generator=torch.Generator().manual_seed(0))
+    assert planned.shape == (1, args.horizon, 9) and torch.isfinite(planned).all()
+
+
 def test_encoder_and_transformer_shapes():
     args = valdi.Args()
     model = valdi.WorldModel(args)

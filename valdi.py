@@ -4,21 +4,25 @@ Read this file beside the paper (Lindenberg & Chitta, "Valdi: Value Diffusion Wo
 It follows the paper's order, top to bottom:
 
     1. Constants ........ the shapes the paper fixes
-    2. Flags ............ every hyperparameter of Table 3, defaults equal to the paper
+    2. Flags ............ every hyperparameter of Table 3, defaults equal to the paper; the
+                          speed switches (--compile, --precision) that wrap the method
     3. Environment ...... the modified CarRacing of Supp. E (pixels + the band's 7 readings)
     4. Diffusion ........ linear schedule, v-parameterisation, Eq. 1, DDIM sampler (Supp. A.2)
-    5. Networks ......... encoder, diffusion transformer / MLP baseline, reward, value (Supp. B)
-    6. Losses ........... Eq. 9 with SIGReg, Algorithm 1 lines 12-21 (Supp. C)
-    7. Replay ........... whole trajectories, segments of H + 2 frames 3 env steps apart
+    5. Networks ......... encoder; the dynamics interface with its kinds (Valdi's diffusion
+                          transformer, the MLP baseline, rectified flow); reward; value (Supp. B)
+    6. Losses ........... Eq. 9 with SIGReg, Algorithm 1 lines 13-21 (Supp. C)
+    7. Replay ........... whole trajectories, segments of H + 2 frames one action chunk apart
     8. Planner .......... CEM over action chunks, Eq. 10 (Supp. D)
-    9. Online loop ...... Algorithm 1: collect a trajectory, then N updates (Supp. F)
+    9. Online loop ...... Algorithm 1 from line 1: build, then collect a trajectory and do N
+                          updates, until done (Supp. F)
    10. Infrastructure ... command line, atomic files, checkpoints, exact resume (not the method)
 
 Valdi is TD-MPC with one change: the deterministic MLP that rolls the latent state forward is
 replaced by a diffusion transformer that denoises the whole H-step latent future at once,
 conditioned on the current latent and the action sequence. Everything else (encoder, reward,
 value, CEM planning in latent space, online training) is the TD-MPC recipe. `--dynamics mlp`
-swaps the baseline back in, with every other component identical.
+swaps the baseline back in, with every other component identical; a new kind of dynamics is
+one registered class (section 5).
 
 Run `python valdi.py --help` for the flags. Importing this module does no work: the companion
 scripts (decoder.py, eval_diagnostics.py) import its pieces.
@@ -126,6 +130,57 @@ class Args:
 
 class ValdiError(Exception):
     """A problem with the user's input; reported as one line, never as a traceback."""
+
+
+# --- speed switches: --compile and --precision wrap the eager code, never change it ---------
+_COMPILED: dict = {}
+
+
+def compiled(fn, args: Args, device: torch.device, fullgraph: bool = True):
+    """fn itself, or with --compile fn through torch.compile, built once per function and device
+    kind. fullgraph: fn is captured whole or the run stops with one line, never half eager.
+    On CUDA the mode is 'reduce-overhead', which records CUDA graphs: a plan's search, or an
+    update's parts, then replay as a few graphs instead of hundreds of small launches. A replay
+    reuses the memory of the previous replay's outputs, so on CUDA the outputs are cloned."""
+    if not args.compile:
+        return fn
+    cuda_graphs = device.type == "cuda"
+    key = (fn, cuda_graphs)
+    if key not in _COMPILED:
+        graph = torch.compile(fn, mode="reduce-overhead" if cuda_graphs else None, dynamic=False, fullgraph=fullgraph)
+
+        def call(*a, **kw):
+            try:
+                out = graph(*a, **kw)
+            except torch._dynamo.exc.TorchDynamoException as exc:
+                lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+                reason = next((line for line in lines if line.split(":")[0].endswith(("Error", "Exception"))), lines[0])
+                raise ValdiError(f"--compile failed here ({reason[:160]}); run with --no-compile") from None
+            return clone_tensors(out) if cuda_graphs else out
+        _COMPILED[key] = call
+    return _COMPILED[key]
+
+
+def clone_tensors(out):
+    """Copies of the tensors in a (nested) tuple, list or dict; anything else as it is."""
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if isinstance(out, dict):
+        return {k: clone_tensors(v) for k, v in out.items()}
+    if isinstance(out, (tuple, list)):
+        return type(out)(clone_tensors(v) for v in out)
+    return out
+
+
+def autocast(args: Args, device: torch.device):
+    """--precision bf16: matmuls and convolutions in bfloat16; parameters, optimizer state and
+    the ops autocast keeps in fp32 (losses, softmax, norms) stay fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+
+def capturable(args: Args, device: torch.device) -> bool:
+    """Adam keeps its step counter on the GPU, as CUDA graphs (--compile on CUDA) need."""
+    return args.compile and device.type == "cuda"
 
 
 # =============================================================================================
@@ -255,6 +310,7 @@ def euler_sample(velocity_fn, noise: torch.Tensor, steps: int) -> torch.Tensor:
 # All nonlinearities are tanh-approximated GELU. Parameter counts (tested exactly):
 #   encoder 1,052,896 | diffusion dynamics 3,198,387 | MLP dynamics 3,603,520
 #   reward 546,049 | value ensemble 592,898 | Valdi 5,390,230 | MLP baseline 5,795,363
+#   (--dynamics flow: dynamics 3,168,499, total 5,360,342)
 def gelu() -> nn.Module:
     return nn.GELU(approximate="tanh")
 
@@ -624,15 +680,20 @@ def td_targets(model: WorldModel, target: WorldModel, batch: dict, reward_target
 
 
 LOSS_NAMES = ("total", "dynamics", "reward", "value", "sigreg")
+# What an update reports: compute_losses's `parts`, by name. To log one more statistic, add its
+# value to `parts` and its name here: progress.csv, TensorBoard and the plots follow by name.
+UPDATE_STATS = (*LOSS_NAMES, "latent_norm")
 
 
-UPDATE_STATS = (*LOSS_NAMES, "latent_norm")  # what update() reports, in this order
+def stat_column(name: str) -> str:
+    """progress.csv's column of an update statistic: loss_<name> for the terms of Eq. 9."""
+    return f"loss_{name}" if name in LOSS_NAMES else name
 
 
 def compute_losses(model: WorldModel, target: WorldModel, batch: dict, args: Args):
     """Eq. 9 on one batch of replay segments. Returns (total loss, dict of its parts).
 
-    batch: rgb (B, H+2, 96, 96, 3) uint8, proprio (B, H+2, 7), actions (B, H+1, 9),
+    batch: rgb (B, H+2, 96, 96, 3) uint8, proprio (B, H+2, 7), actions (B, H+1, chunk*3),
     rewards (B, H+1, chunk) raw, terminal (B, H+1) bool. Frame 0 gives z_t; frames 1..H are the
     dynamics targets; frames 1..H+1 bootstrap the TD targets of latents 0..H.
     """
@@ -709,8 +770,8 @@ def update(model: WorldModel, target: WorldModel, optimizer: torch.optim.Optimiz
 class ReplayBuffer:
     """Whole trajectories in preallocated arrays (uint8 frames), oldest overwritten first.
 
-    A sample is a segment of H + 2 frames spaced one action chunk apart (t, t+3, ..., t+18 for
-    H = 5), the H + 1 action chunks and chunk rewards between them. Batches are gathered with
+    A sample is a segment of H + 2 frames spaced one action chunk c apart (t, t+c, ...,
+    t+c(H+1)), the H + 1 action chunks and chunk rewards between them. Batches are gathered with
     one fancy-indexing call per array: no Python loop over samples."""
 
     def __init__(self, capacity: int, max_steps: int, horizon: int, chunk: int, rng: np.random.Generator):
@@ -738,7 +799,7 @@ class ReplayBuffer:
 
     @property
     def span(self) -> int:
-        return self.chunk * (self.horizon + 1)  # env steps covered by one segment: 18
+        return self.chunk * (self.horizon + 1)  # env steps covered by one segment: c (H + 1)
 
     def can_sample(self) -> bool:
         return bool((self.length[: len(self)] >= self.span).any())
@@ -753,7 +814,7 @@ class ReplayBuffer:
         length = self.length[traj]
         start = (self.rng.random(batch_size) * (length - span + 1)).astype(np.int64)
         frames = start[:, None] + self.chunk * np.arange(self.horizon + 2)  # (B, H+2)
-        steps = start[:, None] + np.arange(span)  # (B, 18)
+        steps = start[:, None] + np.arange(span)  # (B, c (H + 1))
         rows = traj[:, None]
         # A chunk is terminal when the trajectory ended in a termination right at its last step.
         chunk_ends = start[:, None] + self.chunk * np.arange(1, self.horizon + 2)
@@ -890,6 +951,17 @@ def encode_observation(model: WorldModel, obs: dict, device: torch.device) -> to
 # =============================================================================================
 # 9. Online loop (Algorithm 1, Table 3)
 # =============================================================================================
+def build_agent(args: Args, device: torch.device) -> tuple[WorldModel, WorldModel, torch.optim.Optimizer]:
+    """Algorithm 1 lines 1-2: the online network theta, its EMA target theta_bar (a copy that
+    only the EMA moves), and Adam with the learning rate eta (Table 3)."""
+    torch.manual_seed(args.seed)
+    model = WorldModel(args).to(device)
+    target = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999),
+                                 capturable=capturable(args, device))
+    return model, target, optimizer
+
+
 def exploration_std(trajectory: int, args: Args) -> float:
     """Table 3: pre-tanh noise 0.25 while seeding and for the next 250 trajectories, then linear
     to 0.05 over 250 trajectories, then 0.05."""
@@ -903,8 +975,8 @@ def exploration_std(trajectory: int, args: Args) -> float:
 def collect_trajectory(env: gym.Env, model: WorldModel, args: Args, device: torch.device,
                        noise_std: float, track_seed: int, diffusion_steps: int | None = None,
                        generator: torch.Generator | None = None, on_plan=None) -> tuple[dict, dict]:
-    """Algorithm 1 lines 5-9 with action chunking: plan, execute the first chunk (3 env steps),
-    replan; 200 plans per 600-frame episode. Returns the trajectory and its statistics.
+    """Algorithm 1 lines 5-9 with action chunking: plan, execute the first chunk (--action-chunk
+    env steps), replan; 200 plans per 600-frame episode at the paper's settings. Returns the trajectory and its statistics.
     on_plan(z, actions), if given, sees every plan: the latent (1, D) and the whole planned
     sequence (1, H, chunk*3) the agent acted on (the value diagnostics of Table 1 need them)."""
     obs, _ = env.reset(seed=track_seed)
@@ -935,17 +1007,43 @@ def collect_trajectory(env: gym.Env, model: WorldModel, args: Args, device: torc
     return traj, stats
 
 
-def learn(run: Run) -> list[float]:
+CHECKPOINT_NAME = "checkpoint.pt"  # in RUN_DIR: the run, as of its last finished trajectory
+
+
+@dataclass
+class Run:
+    """The state of one training run. Its checkpoint, written after every trajectory's updates,
+    holds all of it except the replay buffer, which is rebuilt from the trajectory files; so a
+    run stopped at any moment and resumed is the same run (see resume_run)."""
+    args: Args
+    dir: Path
+    device: torch.device
+    model: WorldModel
+    target: WorldModel
+    optimizer: torch.optim.Optimizer
+    buffer: ReplayBuffer
+    rng: np.random.Generator
+    counters: dict
+    rows: list  # progress.csv rows so far, as written
+    env: gym.Env
+    lock: object = None  # the open RUN_DIR/lock while this process owns the run
+    wall_start: float = 0.0
+
+    def trajectory_path(self, k: int) -> Path:
+        return self.dir / "trajectories" / f"{k:06d}.npz"
+
+
+def learn(run: Run) -> dict[str, float]:
     """Algorithm 1 lines 11-22: N updates on segments sampled uniformly from the replay buffer.
-    Returns the mean of UPDATE_STATS over them; stops the run, before anything is saved, if a
-    loss or a weight is no longer finite."""
+    Returns the mean of each of UPDATE_STATS over them; stops the run, before anything is saved,
+    if a loss or a weight is no longer finite."""
     args = run.args
     per_update = []
     for batch in replay_batches(run.buffer, args.batch_size, args.updates_per_trajectory, run.device):
         per_update.append(update(run.model, run.target, run.optimizer, batch, args))
     run.counters["updates"] += len(per_update)
-    learned = torch.stack(per_update).mean(0).tolist()  # the one sync of the update phase
-    losses_ok = all(math.isfinite(x) for x in learned)
+    learned = dict(zip(UPDATE_STATS, torch.stack(per_update).mean(0).tolist()))  # the one sync of the update phase
+    losses_ok = all(math.isfinite(x) for x in learned.values())
     # One host sync for all weights, not one per tensor.
     weights_ok = bool(torch.stack([torch.isfinite(p).all() for p in (*run.model.parameters(),
                                                                      *run.target.parameters())]).all())
@@ -953,7 +1051,7 @@ def learn(run: Run) -> list[float]:
         k = run.counters["trajectories"]
         raise FloatingPointError(
             f"non-finite {'weights' if losses_ok else 'loss'} after trajectory {k} "
-            f"({', '.join(f'{n} {v:.4g}' for n, v in zip(UPDATE_STATS, learned))}); stopped before saving "
+            f"({', '.join(f'{n} {v:.4g}' for n, v in learned.items())}); stopped before saving "
             f"them: {run.dir / CHECKPOINT_NAME} holds the run up to trajectory {k - 1}")
     return learned
 
@@ -1151,52 +1249,6 @@ def device_record(device: torch.device) -> dict:
             "float32_matmul_precision": torch.get_float32_matmul_precision()}
 
 
-# --- speed: --compile and --precision, wrapped around the eager code above ------------------
-_COMPILED: dict = {}
-
-
-def compiled(fn, args: Args, device: torch.device, fullgraph: bool = True):
-    """fn itself, or with --compile fn through torch.compile, built once per function and device
-    kind. fullgraph: fn is captured whole or the run stops with one line, never half eager.
-    On CUDA the mode is 'reduce-overhead', which records CUDA graphs: a plan's search, or an
-    update's parts, then replay as a few graphs instead of hundreds of small launches. A replay
-    reuses the memory of the previous replay's outputs, so on CUDA the outputs are cloned."""
-    if not args.compile:
-        return fn
-    cuda_graphs = device.type == "cuda"
-    key = (fn, cuda_graphs)
-    if key not in _COMPILED:
-        graph = torch.compile(fn, mode="reduce-overhead" if cuda_graphs else None, dynamic=False, fullgraph=fullgraph)
-
-        def call(*a, **kw):
-            try:
-                out = graph(*a, **kw)
-            except torch._dynamo.exc.TorchDynamoException as exc:
-                lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-                reason = next((line for line in lines if line.split(":")[0].endswith(("Error", "Exception"))), lines[0])
-                raise ValdiError(f"--compile failed here ({reason[:160]}); run with --no-compile") from None
-            return clone_tensors(out) if cuda_graphs else out
-        _COMPILED[key] = call
-    return _COMPILED[key]
-
-
-def clone_tensors(out):
-    """Copies of the tensors in a (nested) tuple, list or dict; anything else as it is."""
-    if isinstance(out, torch.Tensor):
-        return out.clone()
-    if isinstance(out, dict):
-        return {k: clone_tensors(v) for k, v in out.items()}
-    if isinstance(out, (tuple, list)):
-        return type(out)(clone_tensors(v) for v in out)
-    return out
-
-
-def autocast(args: Args, device: torch.device):
-    """--precision bf16: matmuls and convolutions in bfloat16; parameters, optimizer state and
-    the ops autocast keeps in fp32 (losses, softmax, norms) stay fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-
-
 def check_device(args: Args, device: torch.device) -> None:
     """Refuse at start what would fail mid-run: bf16 where the device has none, and --compile
     where torch.compile cannot build anything (no C++ compiler, an unsupported platform)."""
@@ -1313,9 +1365,6 @@ def load_trajectory(path: Path, keys: tuple[str, ...] = ()) -> dict:
 
 
 # --- checkpoints -----------------------------------------------------------------------------
-CHECKPOINT_NAME = "checkpoint.pt"
-
-
 CHECKPOINT_KEYS = ("args", "model", "target", "optimizer", "counters", "rng")
 
 
@@ -1417,41 +1466,14 @@ def code_history(run: Run) -> list[dict]:
 
 # --- the run: fresh or resumed, and its log --------------------------------------------------
 CSV_FIELDS = ["trajectory", "env_steps", "return", "length", "explore_std",
-              *(f"loss_{name}" for name in LOSS_NAMES), "latent_norm", "planner_hz", "wall_seconds"]
-
-
-@dataclass
-class Run:
-    """The state of one training run. Its checkpoint, written after every trajectory's updates,
-    holds all of it except the replay buffer, which is rebuilt from the trajectory files; so a
-    run stopped at any moment and resumed is the same run (see resume_run)."""
-    args: Args
-    dir: Path
-    device: torch.device
-    model: WorldModel
-    target: WorldModel
-    optimizer: torch.optim.Optimizer
-    buffer: ReplayBuffer
-    rng: np.random.Generator
-    counters: dict
-    rows: list  # progress.csv rows so far, as written
-    env: gym.Env
-    lock: object = None  # the open RUN_DIR/lock while this process owns the run
-    wall_start: float = 0.0
-
-    def trajectory_path(self, k: int) -> Path:
-        return self.dir / "trajectories" / f"{k:06d}.npz"
+              *(stat_column(name) for name in UPDATE_STATS), "planner_hz", "wall_seconds"]
 
 
 def new_run(args: Args, device: torch.device, run_dir: Path | None = None) -> Run:
-    """Fresh networks (Algorithm 1 line 1: the target starts as a copy of the online network),
-    Adam (Table 3), an empty buffer, and one numpy generator for the tracks and replay sampling."""
-    torch.manual_seed(args.seed)
+    """Fresh networks and Adam (build_agent, Algorithm 1 line 1), an empty buffer, and one numpy
+    generator for the tracks and replay sampling."""
+    model, target, optimizer = build_agent(args, device)
     rng = np.random.default_rng(args.seed)
-    model = WorldModel(args).to(device)
-    target = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999),
-                                 capturable=capturable(args, device))
     buffer = ReplayBuffer(min(args.buffer_size, args.total_trajectories), args.max_episode_steps,
                           args.horizon, args.action_chunk, rng)
     counters = {"trajectories": 0, "env_steps": 0, "updates": 0, "wall_seconds": 0.0}
@@ -1485,11 +1507,6 @@ def lock_run_dir(run_dir: Path):
     f.write(f"{os.getpid()}\n")
     f.flush()
     return f
-
-
-def capturable(args: Args, device: torch.device) -> bool:
-    """Adam keeps its step counter on the GPU, as CUDA graphs (--compile on CUDA) need."""
-    return args.compile and device.type == "cuda"
 
 
 def fit_optimizer_to_device(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
@@ -1620,17 +1637,17 @@ def start_run(args: Args) -> tuple[Run, RunLog]:
     return run, RunLog(run)
 
 
-def finish_trajectory(run: Run, log: RunLog, stats: dict, noise_std: float, learned: list[float] | None) -> None:
+def finish_trajectory(run: Run, log: RunLog, stats: dict, noise_std: float, learned: dict | None) -> None:
     """Count the trajectory, write its progress.csv row, then the checkpoint: from that moment it
     is done, and a resume starts after it."""
     k = run.counters["trajectories"]
     run.counters["trajectories"] += 1
     run.counters["env_steps"] += stats["length"]
     run.counters["wall_seconds"] = time.time() - run.wall_start
-    learned = learned or [""] * len(UPDATE_STATS)  # seed trajectories: no updates, empty cells
+    learned = learned or {}  # seed trajectories: no updates, empty cells
     row = {"trajectory": k, "env_steps": run.counters["env_steps"], "return": stats["return"],
            "length": stats["length"], "explore_std": noise_std,
-           **{f"loss_{n}": v for n, v in zip(LOSS_NAMES, learned)}, "latent_norm": learned[-1],
+           **{stat_column(name): learned.get(name, "") for name in UPDATE_STATS},
            "planner_hz": stats["planner_hz"], "wall_seconds": run.counters["wall_seconds"]}
     log.write(row)
     run.rows.append(row)
