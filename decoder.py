@@ -444,8 +444,9 @@ def diversity(opts) -> dict:
         raise ValdiError("--num-futures must be at least 2 (LPIPS compares pairs)")
     if opts.num_starts < 1:
         raise ValdiError("--num-starts must be at least 1")
-    if any(not 1 <= s <= valdi.DIFFUSION_T for s in opts.diffusion_steps):
-        raise ValdiError(f"--diffusion-steps must lie in 1..{valdi.DIFFUSION_T}")
+    bad = [s for s in opts.diffusion_steps if not 1 <= s <= valdi.DIFFUSION_T]
+    if bad:
+        raise ValdiError(valdi.diffusion_steps_error(bad[0]))
     device = valdi.pick_device(opts.cuda)
     args, model = load_run(opts, device)
     data = load_dataset(opts.run_dir)
@@ -483,7 +484,9 @@ def diversity(opts) -> dict:
         "comparable_with_paper": not opts.lpips_random_backbone,
         "paper_lpips": {str(k): v for k, v in PAPER_LPIPS.items()}, **valdi.device_record(device),
     }
-    path = decoder_dir(opts.run_dir) / "diversity.json"
+    path, _ = valdi.result_path(decoder_dir(opts.run_dir) / "diversity.json", {k: result[k] for k in (
+        "diffusion_steps", "num_starts", "num_futures", "lpips_backbone", "device", "device_name",
+        "float32_matmul_precision")})
     valdi.write_json(path, result)
 
     print(f"\nmean pairwise LPIPS of decoded final states ({model.kind}, {len(starts)} starts x "
@@ -503,7 +506,7 @@ def futures(opts) -> Path:
     if opts.num_futures < 4:
         raise ValdiError(f"--num-futures {opts.num_futures} is fewer than the 4 futures the figure shows")
     if not 1 <= opts.diffusion_steps <= valdi.DIFFUSION_T:
-        raise ValdiError(f"--diffusion-steps must lie in 1..{valdi.DIFFUSION_T}")
+        raise ValdiError(valdi.diffusion_steps_error(opts.diffusion_steps))
     device = valdi.pick_device(opts.cuda)
     args, model = load_run(opts, device)
     data = load_dataset(opts.run_dir)
@@ -612,6 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--seed", type=int, default=0, help="seed of tracks, sampling and noise")
         sub.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                          help="torch.compile the planner (default: as the run was trained)")
+        sub.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, one per core)")
         return sub
 
     def lpips_flags(sub: argparse.ArgumentParser) -> None:
@@ -654,6 +658,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_options(opts) -> None:
     """Refuse impossible numbers before any loading starts."""
+    if opts.threads < 0:
+        raise ValdiError("--threads must be at least 0")
     positive = {"collect": ("episodes",), "train": ("steps", "batch_size", "eval_every", "val_max_frames", "num_images"),
                 "diversity": ("decode_batch",), "futures": ("decode_batch",)}[opts.command]
     for name in positive:
@@ -676,6 +682,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = build_parser().parse_args(argv)
     try:
         check_options(opts)
+        if opts.threads:
+            torch.set_num_threads(opts.threads)
         {"collect": collect, "train": train, "diversity": diversity, "futures": futures}[opts.command](opts)
     except ValdiError as exc:
         print(f"decoder.py: error: {exc}", file=sys.stderr)

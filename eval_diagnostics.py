@@ -198,7 +198,7 @@ def evaluate_returns(run: Run, device: torch.device, track_seeds: list[int], dif
 def compare_with_fp32(fp32: dict, other: dict) -> None:
     """How a lower precision changes what the agent does, on the tracks both evaluations share:
     the planned first sequence from the same first frame and generator seed, and the return
-    (the paired difference, mean ± standard error over tracks)."""
+    (the paired difference, mean ± standard error over episodes)."""
     n = min(len(fp32["track_seeds"]), len(other["track_seeds"]))
     if fp32["track_seeds"][:n] != other["track_seeds"][:n]:
         return
@@ -214,13 +214,15 @@ def compare_with_fp32(fp32: dict, other: dict) -> None:
               f"{fmt(float(actions.mean()) if actions.size else None, 3)} on average (max {fmt(float(actions.max()) if actions.size else None, 3)})")
 
 
+# What makes two returns evaluations comparable: the same tracks, frames, planner and device
+# (its kind, name and fp32 matmul precision). Results that differ in any are kept apart.
+PROTOCOL = ("track_seeds", "frames", "planner", "device", "device_name", "float32_matmul_precision")
+
+
 def merge_results(old: dict | None, new: dict) -> dict:
-    """Keep earlier step counts when the protocol is the same (same tracks, frames and planner)
-    and so is the device (its kind, name and fp32 matmul precision), so a sweep can be run one
-    step count at a time; otherwise the new file replaces the old."""
-    same = old is not None and all(old.get(k) == new[k] for k in ("track_seeds", "frames", "planner", "device",
-                                                                   "device_name", "float32_matmul_precision"))
-    if not same:
+    """Keep earlier step counts of the same protocol (valdi.result_path finds that file), so a
+    sweep can be run one step count at a time."""
+    if old is None:
         return new
     steps = {r["diffusion_steps"] for r in new["results"]}
     kept = [r for r in old.get("results", []) if r["diffusion_steps"] not in steps]
@@ -249,8 +251,9 @@ def cmd_returns(ns: argparse.Namespace) -> int:
                     "planner": planner_settings(run.args), **valdi.device_record(device),
                     "track_seeds": seeds, "results": results}
             # fp32 results in returns.json; other precisions beside it, compared with fp32 below.
+            # Another protocol or device goes beside them too: a stored result is never replaced.
             path = run.eval_dir / ("returns.json" if run.args.precision == "fp32" else f"returns_{run.args.precision}.json")
-            old = read_json(path) if path.exists() else None
+            path, old = valdi.result_path(path, {k: data[k] for k in PROTOCOL})
             valdi.write_json(path, merge_results(old, data))
             bar.write(f"wrote {path}", file=sys.stderr)
             if run.args.precision != "fp32" and (run.eval_dir / "returns.json").exists():
@@ -261,7 +264,7 @@ def cmd_returns(ns: argparse.Namespace) -> int:
                              fmt(float(np.mean(r["mean_speeds"])), 2), fmt(r["planner_hz"], 1)])
     print(f"\nEvaluation returns on the first {len(seeds)} fixed tracks, {ns.frames} frames, no exploration "
           f"noise (device {device})")
-    print(markdown_table(["run", "dynamics", "diffusion steps", "episodes", "mean ± s.e.", "std", "min", "max",
+    print(markdown_table(["run", "dynamics", "diffusion steps", "episodes", "mean ± s.e. over episodes", "std", "min", "max",
                           "mean speed bar", "planner Hz"], rows))
     return 0
 
@@ -428,17 +431,19 @@ def cmd_consistency(ns: argparse.Namespace) -> int:
             deltas = consistency_of_run(run, device, states["rgb"], states["proprio"], steps, ns.plan_batch,
                                         new_generator(device, ns.seed), bar)
         rows = error_rows(list(deltas.T), 0, [states["episode"]] * deltas.shape[1])
-        path = valdi.write_json(run.eval_dir / "consistency.json", {
-            "run": run.path, "dynamics": run.args.dynamics, "diffusion_steps": steps,
-            "num_states": len(states["rgb"]), "num_tracks": len(np.unique(states["episode"])),
-            "evaluation_tracks_in_dataset": states["evaluation_tracks_in_dataset"],
-            "source": states["source"], "gamma_wm": run.args.gamma_wm,
-            "planner": planner_settings(run.args), **valdi.device_record(device),
-            "seed": ns.seed, "rows": rows})
+        data = {"run": run.path, "dynamics": run.args.dynamics, "diffusion_steps": steps,
+                "num_states": len(states["rgb"]), "num_tracks": len(np.unique(states["episode"])),
+                "evaluation_tracks_in_dataset": states["evaluation_tracks_in_dataset"],
+                "source": states["source"], "gamma_wm": run.args.gamma_wm,
+                "planner": planner_settings(run.args), **valdi.device_record(device), "seed": ns.seed, "rows": rows}
+        path, _ = valdi.result_path(run.eval_dir / "consistency.json", {k: data[k] for k in (
+            "num_states", "diffusion_steps", "planner", "seed", "device", "device_name", "float32_matmul_precision")})
+        path = valdi.write_json(path, data)
         print(f"wrote {path}", file=sys.stderr)
         results.append((run.label, rows))
-    print_table1("delta_TD", f"Self-consistency delta_TD_h (Eq. 2), signed mean ± standard error over "
-                 f"start states (device {device})", results)
+    print_table1("delta_TD", f"Self-consistency delta_TD_h (Eq. 2) from {ns.num_states} start states, signed mean ± "
+                 f"standard error over episodes (the dataset's episodes the states come from; device {device})",
+                 results)
     return 0
 
 
@@ -505,15 +510,18 @@ def cmd_grounding(ns: argparse.Namespace) -> int:
             finally:
                 env.close()
             rows = error_rows([np.concatenate(d) for d in per_h], 1, [np.concatenate(e) for e in episode_of])
-            path = valdi.write_json(run.eval_dir / "grounding.json", {
-                "run": run.path, "dynamics": run.args.dynamics, "diffusion_steps": steps,
-                "wm_steps": ns.wm_steps, "track_seeds": seeds, "returns": returns, "lengths": lengths,
-                "planner": planner_settings(run.args), **valdi.device_record(device),
-                "rows": rows})
+            data = {"run": run.path, "dynamics": run.args.dynamics, "diffusion_steps": steps,
+                    "wm_steps": ns.wm_steps, "track_seeds": seeds, "returns": returns, "lengths": lengths,
+                    "planner": planner_settings(run.args), **valdi.device_record(device), "rows": rows}
+            path, _ = valdi.result_path(run.eval_dir / "grounding.json", {k: data[k] for k in (
+                "track_seeds", "wm_steps", "diffusion_steps", "planner", "device", "device_name",
+                "float32_matmul_precision")})
+            path = valdi.write_json(path, data)
             bar.write(f"wrote {path}", file=sys.stderr)
             results.append((run.label, rows))
-    print_table1("delta_drift", f"Grounding delta_drift_h (Eq. 3), signed mean ± standard error over "
-                 f"{len(seeds)} closed-loop episodes of {ns.wm_steps} world-model steps (device {device})", results)
+    print_table1("delta_drift", f"Grounding delta_drift_h (Eq. 3) from {len(seeds)} closed-loop episodes of "
+                 f"{ns.wm_steps} world-model steps, signed mean ± standard error over episodes (device {device})",
+                 results)
     return 0
 
 
@@ -900,7 +908,8 @@ def plot_diffusion_steps(evals: dict, path: Path) -> Path:
         kind = valdi.DYNAMICS.get(data["dynamics"])
         if kind is not None and not kind.stochastic:
             r = results[0]
-            ax.axhline(r["mean"], color=color, linestyle="--", label=f"{run_dir.name} ({kind.label})")
+            ax.axhline(r["mean"], color=color, linestyle="--",
+                       label=f"{run_dir.name} ({kind.label}, {len(r['returns'])} episodes)")
             if r.get("sem"):
                 ax.axhspan(r["mean"] - r["sem"], r["mean"] + r["sem"], color=color, alpha=0.1)
             continue
@@ -908,7 +917,9 @@ def plot_diffusion_steps(evals: dict, path: Path) -> Path:
         mean = np.array([r["mean"] for r in results])
         sem = np.array([r.get("sem") or 0.0 for r in results])
         all_steps.update(steps.tolist())
-        ax.plot(steps, mean, "o-", color=color, label=f"{run_dir.name} ({kind.label if kind else data['dynamics']})")
+        episodes = sorted({len(r["returns"]) for r in results})
+        ax.plot(steps, mean, "o-", color=color, label=f"{run_dir.name} ({kind.label if kind else data['dynamics']}, "
+                f"{'/'.join(map(str, episodes))} episodes per point)")
         ax.fill_between(steps, mean - sem, mean + sem, color=color, alpha=0.15)
         diversity = decoder.decoder_dir(run_dir) / "diversity.json"
         if diversity.is_file():
@@ -917,13 +928,15 @@ def plot_diffusion_steps(evals: dict, path: Path) -> Path:
                 raise valdi.ValdiError(f"{diversity} lacks diffusion_steps / lpips_mean (written by decoder.py?)")
             ax2 = ax2 or ax.twinx()
             ax2.errorbar(lp["diffusion_steps"], lp["lpips_mean"], yerr=lp.get("lpips_std"), color=color,
-                         linestyle=":", marker="s", capsize=3, label=f"{run_dir.name} LPIPS")
+                         linestyle=":", marker="s", capsize=3,
+                         label=f"{run_dir.name} LPIPS ({lp.get('num_starts', '?')} starts x "
+                               f"{lp.get('num_futures', '?')} futures)")
             all_steps.update(lp["diffusion_steps"])
     if all_steps:
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(all_steps), [str(s) for s in sorted(all_steps)])
     ax.set_xlabel("inference diffusion steps")
-    ax.set_ylabel("mean evaluation return (± s.e.)")
+    ax.set_ylabel("mean evaluation return (± s.e. over episodes)")
     ax.set_title("Evaluation return vs diffusion steps (Fig. 3 left)")
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
@@ -1018,7 +1031,7 @@ def diffusion_steps_type(text: str) -> int:
     except ValueError:
         value = 0
     if not 1 <= value <= valdi.DIFFUSION_T:
-        raise argparse.ArgumentTypeError(f"diffusion steps must be an integer in 1..{valdi.DIFFUSION_T}, got {text!r}")
+        raise argparse.ArgumentTypeError(valdi.diffusion_steps_error(text))
     return value
 
 
@@ -1039,6 +1052,8 @@ def build_parser() -> argparse.ArgumentParser:
     device = valdi.OneLineParser(add_help=False)
     device.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True,
                         help="use CUDA when it is available (--no-cuda forces the CPU)")
+    device.add_argument("--threads", type=non_negative_int, default=0,
+                        help="torch CPU threads (0: torch's default, one per core)")
     runs = valdi.OneLineParser(add_help=False)
     runs.add_argument("runs", nargs="+", metavar="RUN", help="run directories of valdi.py (or their checkpoint.pt)")
     planner = valdi.OneLineParser(add_help=False)
@@ -1120,6 +1135,8 @@ def add_speed_and_plot(command, device: list, runs: list) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    if getattr(ns, "threads", 0):
+        torch.set_num_threads(ns.threads)
     try:
         return ns.func(ns)
     except valdi.ValdiError as exc:

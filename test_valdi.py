@@ -931,8 +931,8 @@ def one_line_error(argv, capsys) -> str:
     (["--num-elites", "1"], "--num-elites must be at least 2"),
     (["--max-episode-steps", "15"], "shorter than one replay segment"),
     (["--max-episode-steps", "31"], "not a multiple of --action-chunk"),
-    (["--diffusion-steps", "0"], "--diffusion-steps must be at least 1"),
-    (["--diffusion-steps", "1001"], "--diffusion-steps must be at most 1000"),
+    (["--diffusion-steps", "0"], "--diffusion-steps must be between 1 and 1000 (the noise schedule's length), got 0"),
+    (["--diffusion-steps", "1001"], "--diffusion-steps must be between 1 and 1000"),
     (["--updates-per-trajectory", "0"], "--updates-per-trajectory must be at least 1"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--seed", "-1"], "--seed must be at least 0"),
@@ -1021,22 +1021,22 @@ def test_resume_refuses_broken_runs_and_loses_nothing(tiny_runs, tmp_path, capsy
 
     good = traj0.read_bytes()
     traj0.write_bytes(good[:100])  # a corrupt replay file
-    assert f"cannot read {traj0}: BadZipFile" in one_line_error(["--resume", str(run_dir)], capsys)
+    assert f"cannot read {traj0}: BadZipFile" in one_line_error(["--resume", str(run_dir), "--total-trajectories", "3"], capsys)
     traj0.unlink()  # a deleted one
-    assert f"{traj0} is missing" in one_line_error(["--resume", str(run_dir)], capsys)
+    assert f"{traj0} is missing" in one_line_error(["--resume", str(run_dir), "--total-trajectories", "3"], capsys)
     traj0.write_bytes(good)
 
     state = valdi.load_checkpoint(run_dir)
     saved = ckpt.read_bytes()
     torch.save({k: v for k, v in state.items() if k != "model"}, ckpt)
-    assert "lacks model" in one_line_error(["--resume", str(run_dir)], capsys)
+    assert "lacks model" in one_line_error(["--resume", str(run_dir), "--total-trajectories", "3"], capsys)
     state["model"]["encoder.head.1.weight"] = torch.zeros(3, 3)
     torch.save(state, ckpt)
-    assert "do not fit the model" in one_line_error(["--resume", str(run_dir)], capsys)
+    assert "do not fit the model" in one_line_error(["--resume", str(run_dir), "--total-trajectories", "3"], capsys)
     ckpt.write_bytes(saved[: len(saved) // 2])  # a crash mid-copy
-    assert "cannot read checkpoint" in one_line_error(["--resume", str(run_dir)], capsys)
+    assert "cannot read checkpoint" in one_line_error(["--resume", str(run_dir), "--total-trajectories", "3"], capsys)
     ckpt.write_bytes(os.urandom(4096))
-    err = one_line_error(["--resume", str(run_dir)], capsys)
+    err = one_line_error(["--resume", str(run_dir), "--total-trajectories", "3"], capsys)
     assert "cannot read checkpoint" in err and "weights_only=False" not in err
     ckpt.write_bytes(saved)
     with pytest.raises(valdi.ValdiError, match="holds a 'diffusion' model"):
@@ -1419,6 +1419,48 @@ def test_flow_runs_through_every_command(tiny_runs, tmp_path, capsys):
     assert "update ms (flow)" in capsys.readouterr().out
 
 
+def test_evaluating_a_shipped_checkpoint_differently_keeps_the_shipped_results(tmp_path, capsys):
+    """The README's commands with smaller settings on a checkpoint from docs/: the shipped JSON
+    stays byte for byte; the new results go beside it, named after what differs."""
+    run = Path(shutil.copytree(HERE / "docs" / "learning-check" / "mlp", tmp_path / "mlp"))
+    shipped = {p.name: p.read_bytes() for p in (run / "eval").iterdir()}
+    for _ in range(2):  # the second time, the same settings find their own file again
+        assert ed.main(["returns", str(run), "--episodes", "1", "--frames", "15", "--no-cuda", "--threads", "1"]) == 0
+        assert ed.main(["grounding", str(run), "--episodes", "1", "--wm-steps", "5", "--no-cuda"]) == 0
+    assert torch.get_num_threads() == 1  # --threads, as on valdi.py
+    torch.set_num_threads(2)
+    assert {p.name: p.read_bytes() for p in (run / "eval").iterdir() if p.name in shipped} == shipped
+    assert sorted(set(p.name for p in (run / "eval").iterdir()) - set(shipped)) == [
+        "grounding__1ep_5wm_cpu.json", "returns__1ep_15f_cpu.json"]
+    side = json.loads((run / "eval" / "returns__1ep_15f_cpu.json").read_text())
+    assert len(side["results"][0]["returns"]) == 1 and side["device"] == "cpu"
+    assert "returns__1ep_15f_cpu.json" in capsys.readouterr().err
+
+
+def test_resume_of_a_finished_run_says_so_and_writes_nothing(tiny_runs, capsys):
+    run_dir = tiny_runs["mlp"]
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in run_dir.rglob("*")}
+    assert valdi.main(["--resume", str(run_dir)]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err == (f"valdi.py: nothing to do: {run_dir} has 2 of 2 trajectories; raise --total-trajectories "
+                   f"to continue")
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in run_dir.rglob("*")} == before
+
+
+@pytest.mark.parametrize("where, expected", [
+    (lambda run: run / "trajectories" / "000000.npz", "is a trajectory file, not a run: give its run directory ({run})"),
+    (lambda run: run / "trajectories", "is a folder inside a run, not a run: give the run directory {run}"),
+    (lambda run: run.parent, "is a folder of runs, not a run: give one of them, e.g. {run}"),
+])
+def test_a_path_of_the_wrong_kind_names_what_was_expected(tiny_runs, where, expected, capsys):
+    run = tiny_runs["mlp"]
+    assert ed.main(["returns", str(where(run)), "--no-cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected.format(run=run) in err, err
+    assert decoder.main(["collect", str(where(run)), "--no-cuda"]) == 2
+    assert expected.format(run=run) in capsys.readouterr().err
+
+
 # --- bad input: one line, non-zero exit, no traceback ---------------------------------------------
 def test_eval_bad_input_is_one_line(runs, tmp_path, capsys):
     empty = tmp_path / "empty_run"
@@ -1437,7 +1479,7 @@ def test_eval_bad_input_is_one_line(runs, tmp_path, capsys):
     for argv, fragment in cases:
         assert fragment in one_line_eval_error(argv, capsys), argv
     for argv, fragment in [(["frobnicate", str(runs["mlp"])], "invalid choice"),
-                           (["returns", str(runs["diffusion"]), "--diffusion-steps", "0"], "diffusion steps")]:
+                           (["returns", str(runs["diffusion"]), "--diffusion-steps", "0"], "--diffusion-steps must be between 1 and 1000")]:
         with pytest.raises(SystemExit) as exc:  # argparse's own exit, through the one-line parser
             ed.main(argv)
         err = capsys.readouterr().err.strip()

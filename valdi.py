@@ -1160,7 +1160,7 @@ def check_args(args: Args) -> None:
     at_least = {"total_trajectories": 1, "seed_trajectories": 1, "max_episode_steps": 1,
                 "updates_per_trajectory": 1, "batch_size": 1, "buffer_size": 1, "horizon": 1,
                 "action_chunk": 1, "latent_dim": 1, "pop_size": 1, "num_elites": 2, "cem_iters": 1,
-                "diffusion_steps": 1, "sigreg_slices": 1, "sigreg_points": 2, "seed": 0, "threads": 0,
+                "sigreg_slices": 1, "sigreg_points": 2, "seed": 0, "threads": 0,
                 "explore_hold": 0, "explore_decay": 0}
     for key, low in at_least.items():
         if not getattr(args, key) >= low:
@@ -1186,7 +1186,7 @@ def check_args(args: Args) -> None:
          f"({segment} env steps = action chunk x (horizon + 1))"),
         (args.max_episode_steps % args.action_chunk != 0,
          f"--max-episode-steps {args.max_episode_steps} is not a multiple of --action-chunk {args.action_chunk}"),
-        (args.diffusion_steps > DIFFUSION_T, f"--diffusion-steps must be at most {DIFFUSION_T}"),
+        (not 1 <= args.diffusion_steps <= DIFFUSION_T, diffusion_steps_error(args.diffusion_steps)),
         (TOKEN_WIDTH - TAU_EMBED_DIM - ENV_ACTION_DIM * args.action_chunk - args.latent_dim < 1,
          f"--latent-dim {args.latent_dim} leaves no room in the {TOKEN_WIDTH}-wide transformer token"),
     ]
@@ -1198,6 +1198,11 @@ def check_args(args: Args) -> None:
         raise ValdiError(f"the replay buffer needs {need / 1e9:.1f} GB ({min(args.buffer_size, args.total_trajectories)} "
                          f"trajectories of {args.max_episode_steps + 1} frames) but {have / 1e9:.1f} GB of memory is "
                          f"available: lower --buffer-size")
+
+
+def diffusion_steps_error(value) -> str:
+    """The one wording of the sampler's step limit, in all three scripts."""
+    return f"--diffusion-steps must be between 1 and {DIFFUSION_T} (the noise schedule's length), got {value}"
 
 
 def replay_bytes(args: Args) -> int:
@@ -1313,6 +1318,50 @@ def write_json(path: Path, data) -> Path:
     return Path(path)
 
 
+def result_path(path: Path, settings: dict) -> tuple[Path, dict | None]:
+    """Where a result measured with `settings` goes, and the stored result there (or None).
+    PATH when it is free or holds a result of the same settings; otherwise beside it, named
+    after the settings that differ (returns__1ep_15f.json): a stored result is never replaced
+    by one measured differently. Settings are compared as JSON would store them."""
+    plain = lambda v: json.loads(json.dumps(v))
+    settings = {k: plain(v) for k, v in settings.items()}
+
+    def stored(p):
+        try:
+            return json.loads(Path(p).read_text())
+        except (OSError, ValueError):
+            raise ValdiError(f"cannot read {p}: not a result file (move it away to write here)") from None
+    if not path.exists():
+        return path, None
+    old = stored(path)
+    if all(old.get(k) == v for k, v in settings.items()):
+        return path, old
+    differing = [k for k, v in settings.items() if old.get(k) != v]
+    if "device" in differing:  # the device's kind says enough
+        differing = [k for k in differing if k not in ("device_name", "float32_matmul_precision")]
+    label = "_".join(setting_label(k, settings[k]) for k in differing)
+    for n in range(1, 1000):
+        candidate = path.with_name(f"{path.stem}__{label}{'' if n == 1 else f'_{n}'}{path.suffix}")
+        if not candidate.exists():
+            return candidate, None
+        other = stored(candidate)
+        if all(other.get(k) == v for k, v in settings.items()):
+            return candidate, other
+    raise ValdiError(f"too many results beside {path}")
+
+
+def setting_label(key: str, value) -> str:
+    """A short file-name part for one setting of a result."""
+    if key == "track_seeds":
+        return f"{len(value)}ep"
+    if key == "planner" and isinstance(value, dict):
+        return f"{value.get('pop_size')}x{value.get('num_elites')}x{value.get('cem_iters')}"
+    text = "-".join(str(v) for v in value) if isinstance(value, list) else str(value)
+    unit = {"frames": "f", "wm_steps": "wm", "num_states": "states", "diffusion_steps": "steps", "seed": "seed",
+            "num_starts": "starts", "num_futures": "futures"}.get(key, "")
+    return "".join(c if c.isalnum() or c in ".-" else "-" for c in text + unit)[:40]
+
+
 def atomic_torch_save(obj, path: Path) -> None:
     """torch.save through memory, so that a failing disk shows its own error (a full disk says
     "No space left on device") rather than the serializer's."""
@@ -1381,9 +1430,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     just those two, a tenth of the size, is a usable run too."""
     path = Path(path)
     if path.is_dir():
+        if not (path / CHECKPOINT_NAME).is_file():
+            raise ValdiError(not_a_run(path))
         path = path / CHECKPOINT_NAME
     if not path.is_file():
         raise ValdiError(f"no checkpoint at {path}")
+    if path.suffix == ".npz":
+        raise ValdiError(f"{path} is a trajectory file, not a run: give its run directory ({path.parent.parent})")
     state = safe_torch_load(path, "checkpoint", map_location)
     if not isinstance(state, dict) or state.get("valdi_checkpoint") != 1:
         raise ValdiError(f"{path} is not a Valdi checkpoint")
@@ -1391,6 +1444,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     if missing:
         raise ValdiError(f"{path} is not a complete Valdi checkpoint (it lacks {', '.join(missing)})")
     return state
+
+
+def not_a_run(folder: Path) -> str:
+    """What a folder without a checkpoint is, and which run directory was probably meant."""
+    if (folder.parent / CHECKPOINT_NAME).is_file():  # RUN/decoder, RUN/eval, RUN/trajectories
+        return f"{folder} is a folder inside a run, not a run: give the run directory {folder.parent}"
+    runs = sorted(p.parent.name for p in folder.glob(f"*/{CHECKPOINT_NAME}"))
+    if runs:
+        return f"{folder} is a folder of runs, not a run: give one of them, e.g. {folder / runs[0]}"
+    return f"no checkpoint at {folder / CHECKPOINT_NAME} (expected a run directory made by valdi.py)"
 
 
 def args_from_checkpoint(state: dict) -> Args:
@@ -1616,9 +1679,18 @@ def read_progress_rows(path: Path, done: int) -> list[dict]:
     return [rows[k] for k in sorted(rows)]
 
 
+class NothingToDo(Exception):
+    """--resume of a run that already has --total-trajectories trajectories."""
+
+
 def start_run(args: Args) -> tuple[Run, RunLog]:
     """Everything before Algorithm 1's loop: threads, device, the run (fresh or resumed), its
     first checkpoint, the log, and Ctrl-C / SIGTERM handling."""
+    if args.resume:  # a finished run: say so, and write nothing (no lock, no log, no checkpoint)
+        done = int(load_checkpoint(args.resume, required=("counters",))["counters"]["trajectories"])
+        if done >= args.total_trajectories:
+            raise NothingToDo(f"nothing to do: {args.resume} has {done} of {args.total_trajectories} trajectories; "
+                              f"raise --total-trajectories to continue")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.cuda)
@@ -1717,6 +1789,9 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as exc:
         print(f"valdi.py: {exc}", file=sys.stderr)
         return 1
+    except NothingToDo as exc:
+        print(f"valdi.py: {exc}", file=sys.stderr)
+        return 0
     except KeyboardInterrupt:  # before the loop started: nothing of the run is lost
         print("valdi.py: interrupted", file=sys.stderr)
         return 130
