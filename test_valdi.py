@@ -384,7 +384,7 @@ def test_ema_rule():
         torch.testing.assert_close(new, 0.995 * old + 0.005 * p)
 
 
-@pytest.mark.parametrize("dynamics", ["diffusion", "mlp"])
+@pytest.mark.parametrize("dynamics", ["diffusion", "mlp", "flow"])
 def test_one_update_lowers_the_loss_on_a_fixed_batch(dynamics):
     # Adam's first step moves each of the ~5.5M weights by about lr in the sign of its gradient;
     # at the paper's 3e-4 that overshoots the MLP's 5-step residual rollout on this random batch,
@@ -1063,6 +1063,16 @@ def test_cli_help_lists_every_flag_with_its_default(capsys):
         assert shown in text
 
 
+def test_the_readme_reading_map_points_at_the_sections():
+    import re
+    lines = (HERE / "valdi.py").read_text().split("\n")
+    rows = re.findall(r"^\| (\d+)\. [^|]+\| (\d+)-(\d+) \|", (HERE / "README.md").read_text(), flags=re.M)
+    assert [int(n) for n, _, _ in rows] == list(range(1, 11))
+    for (n, start, end), following in zip(rows, [*rows[1:], (None, str(len(lines) + 1), None)]):
+        assert lines[int(start) - 1].startswith(f"# {n}. "), (n, lines[int(start) - 1])
+        assert int(end) == int(following[1]) - 1, n
+
+
 def test_import_does_no_work(tmp_path):
     result = subprocess.run([sys.executable, "-c", "import valdi"], capture_output=True, text=True,
                             cwd=tmp_path, timeout=60, env={**os.environ, "PYTHONPATH": str(HERE)})
@@ -1242,6 +1252,7 @@ def test_consistency_on_the_on_policy_dataset(runs, capsys):
                     "--plan-batch", "16", "--no-cuda"]) == 0
     out = capsys.readouterr().out
     assert runs["diffusion"].name in out and runs["mlp"].name in out and "**" in out  # side by side, marked
+    assert "from 40 start states, signed mean ± standard error over episodes" in out  # what stands behind it
     for kind in ("diffusion", "mlp"):
         data = json.loads((runs[kind] / "eval" / "consistency.json").read_text())
         assert data["source"] == str(decoder.dataset_path(runs[kind]))
@@ -1262,6 +1273,7 @@ def test_grounding_counts_per_depth(runs, capsys):
                     "--no-cuda"]) == 0
     out = capsys.readouterr().out
     assert "delta_drift" in out and "**" in out
+    assert "from 1 closed-loop episodes of 8 world-model steps, signed mean ± standard error over episodes" in out
     for kind in ("diffusion", "mlp"):
         data = json.loads((runs[kind] / "eval" / "grounding.json").read_text())
         assert data["lengths"] == [24] and data["track_seeds"] == ed.fixed_track_seeds(1)
@@ -1459,6 +1471,33 @@ def test_a_path_of_the_wrong_kind_names_what_was_expected(tiny_runs, where, expe
     assert len(err.splitlines()) == 1 and expected.format(run=run) in err, err
     assert decoder.main(["collect", str(where(run)), "--no-cuda"]) == 2
     assert expected.format(run=run) in capsys.readouterr().err
+
+
+def readme_smoke_recipe() -> list[list[str]]:
+    """The README's smoke recipe, one argv per command (continuation lines joined)."""
+    import shlex
+    text = (HERE / "README.md").read_text().split("<!-- smoke recipe -->")[1]
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    return [shlex.split(line) for line in block.splitlines() if line.strip()]
+
+
+def test_the_readme_smoke_recipe_runs_every_companion_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    mains = {"valdi.py": valdi.main, "eval_diagnostics.py": ed.main, "decoder.py": decoder.main}
+    recipe, run = readme_smoke_recipe(), None
+    for argv in recipe:
+        if argv[0].startswith("RUN="):  # RUN=$(ls -d smoke/*/)
+            run = only_run_dir(tmp_path / "smoke")
+            continue
+        assert argv[0] == "python" and argv[1] in mains, argv
+        assert mains[argv[1]]([str(run) if a == "$RUN" else a for a in argv[2:]]) == 0, argv
+    assert {argv[2] for argv in recipe if argv[1] != "valdi.py" and len(argv) > 2} >= {
+        "returns", "grounding", "consistency", "plot", "speed", "collect", "train", "diversity", "futures"}
+    for path in ("eval/returns.json", "eval/grounding.json", "eval/consistency.json", "decoder/decoder.pt",
+                 "decoder/diversity.json", "decoder/futures.png", "decoder/reconstructions.png"):
+        assert (run / path).is_file(), path
+    assert sorted(p.name for p in (tmp_path / "smoke" / "figures").glob("*.png")) == [
+        "figure3_diffusion_steps.png", "figure4_training_returns.png", "training_losses.png"]
 
 
 # --- bad input: one line, non-zero exit, no traceback ---------------------------------------------
@@ -1693,14 +1732,14 @@ CUDA_TINY = [flag for flag in TINY if flag != "--no-cuda"]
 def cuda_runs(tmp_path_factory):
     """One tiny run per dynamics trained on CUDA (eager), as the user runs it."""
     runs = {}
-    for dynamics in ("diffusion", "mlp"):
+    for dynamics in valdi.DYNAMICS:
         parent = tmp_path_factory.mktemp(f"cuda_{dynamics}")
         assert valdi.main([*CUDA_TINY, "--runs-dir", str(parent), "--dynamics", dynamics]) == 0
         runs[dynamics] = only_run_dir(parent)
     return runs
 
 
-@pytest.mark.parametrize("dynamics", ["diffusion", "mlp"])
+@pytest.mark.parametrize("dynamics", ["diffusion", "mlp", "flow"])
 @on_cuda
 def test_cuda_compiled_agrees_with_eager_without_cudagraph_skips(cuda_runs, dynamics):
     """On CUDA --compile records CUDA graphs: the whole CEM search per plan, and the update's

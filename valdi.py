@@ -368,14 +368,16 @@ class TransformerBlock(nn.Module):
 
 
 # --- the dynamics: one interface, one class per kind ----------------------------------------
-# Every kind of latent dynamics answers two questions, and nothing else in the file asks which
-# kind it is:
+# Every kind of latent dynamics answers the same questions, and nothing else in the file (or in
+# the companion scripts) asks which kind it is:
 #   loss(z0, z_bar, actions) -> (dynamics loss, z_hat_{1..H})  training: the loss of this kind and
 #       the estimate of the future latents that the reward and value losses see (Algorithm 1
 #       lines 14-18 for Valdi)
-#   sample(z0, actions, steps, noise) -> z_{1..H}               planning: the imagined future from
-#       given noise (noise_shape says which; None for a deterministic kind)
-# A new kind is one class with these two methods, registered under the name --dynamics takes.
+#   sample(z0, actions, steps, noise) -> z_{1..H}               planning: the imagined future
+#   noise_shape(batch)                                          the noise sample() starts from
+#                                                               (None for a deterministic kind)
+#   stochastic, label                                           for evaluations and figures
+# A new kind is one class with these, registered under the name --dynamics takes.
 DYNAMICS: dict[str, type] = {}
 
 
@@ -752,7 +754,7 @@ def update(model: WorldModel, target: WorldModel, optimizer: torch.optim.Optimiz
            args: Args) -> torch.Tensor:
     """One gradient step (Algorithm 1 lines 13-21). Returns UPDATE_STATS as one tensor, left
     on the device so the caller syncs once per trajectory rather than once per update.
-    What --compile (section 10) captures: the forward pass as one whole graph, and with it
+    What --compile (section 2) captures: the forward pass as one whole graph, and with it
     (AOT autograd) its backward, which backward() runs; then the gradient clip, the Adam step
     and the EMA, split into separate graphs only where torch's Optimizer.step breaks the graph
     around itself on purpose. zero_grad runs eagerly between them (it only drops references)."""
@@ -928,7 +930,7 @@ def plan(model: WorldModel, z: torch.Tensor, args: Args, noise_std: float = 0.0,
                   model.sampling_noise(z_pop, generator)) for _ in range(args.cem_iters)]
         sample_noise = torch.stack([candidates for candidates, _ in draws])
         dynamics_noise = None if draws[0][1] is None else torch.stack([noise for _, noise in draws])
-        # --compile (section 10): on CUDA the whole search is one graph, replayed as one CUDA graph
+        # --compile (section 2): on CUDA the whole search is one graph, replayed as one CUDA graph
         # per plan; on a CPU, where a kernel launch costs nothing and compile time grows with the
         # unrolled iterations, each iteration's scoring is compiled instead.
         whole = z.device.type == "cuda"
@@ -976,8 +978,8 @@ def collect_trajectory(env: gym.Env, model: WorldModel, args: Args, device: torc
                        noise_std: float, track_seed: int, diffusion_steps: int | None = None,
                        generator: torch.Generator | None = None, on_plan=None) -> tuple[dict, dict]:
     """Algorithm 1 lines 5-9 with action chunking: plan, execute the first chunk (--action-chunk
-    env steps), replan; 200 plans per 600-frame episode at the paper's settings. Returns the trajectory and its statistics.
-    on_plan(z, actions), if given, sees every plan: the latent (1, D) and the whole planned
+    env steps), replan; 200 plans per 600-frame episode at the paper's settings. Returns the
+    trajectory and its statistics. on_plan(z, actions), if given, sees every plan: the latent (1, D) and the whole planned
     sequence (1, H, chunk*3) the agent acted on (the value diagnostics of Table 1 need them)."""
     obs, _ = env.reset(seed=track_seed)
     rgb, proprio, actions, rewards = [obs["rgb"]], [obs["proprio"]], [], []
@@ -1007,6 +1009,8 @@ def collect_trajectory(env: gym.Env, model: WorldModel, args: Args, device: torc
     return traj, stats
 
 
+# Lines 3-23 need somewhere to keep what one iteration hands the next: the networks, the buffer,
+# the generators and the counters. The Run holds them; section 10 saves and restores it.
 CHECKPOINT_NAME = "checkpoint.pt"  # in RUN_DIR: the run, as of its last finished trajectory
 
 
