@@ -12,9 +12,12 @@ a trained agent comes from one subcommand here:
                    "Inference Cost": over 10 Hz on one RTX 4080)
     plot ......... Figure 4 (training returns) and Figure 3 left (return and LPIPS against
                    diffusion steps)
+    video ........ one evaluation episode, the real frame beside what the model imagined for
+                   it (decoded by decoder.py's decoder), as MP4 and GIF
 
 Each subcommand takes run directories made by `python valdi.py` (or their checkpoint.pt),
-prints a table, and writes its numbers to RUN_DIR/eval/<subcommand>.json. Nothing here
+prints a table, and writes its numbers to RUN_DIR/eval/<subcommand>.json (plot and speed: see
+their --help). Nothing here
 re-implements the agent: networks, encoder, planner (Eq. 10), imagination, checkpoint loading and
 the evaluation loop all come from valdi.py, so what is measured is exactly what was trained.
 
@@ -1002,7 +1005,96 @@ def cmd_plot(ns: argparse.Namespace) -> int:
 
 
 # =============================================================================================
-# 7. Command line
+# 7. video: imagination beside reality
+# =============================================================================================
+# One evaluation episode on fixed track K, driven exactly as `returns` drives it (same planner,
+# same per-track generator, so it is the same episode). After it, every plan's action sequence is
+# imagined again from the latent the plan started from, and decoded: at replan i the video shows
+# the real frame, beside it what the previous plan imagined for this moment (its h = 1 latent;
+# at i = 0 the decoded real latent), and below the H frames the current plan imagines ahead with
+# their predicted rewards. Where the model's imagination drifts from reality, the two differ.
+PANEL, STRIP = 192, 96  # pixels: the two large panels (2x the frame), the imagined strip
+
+
+def video_frame(real: np.ndarray, now: np.ndarray, ahead: np.ndarray, rewards: list[float], i: int):
+    """One video frame (H x W x 3 uint8, both multiples of 16 for the MP4 encoder)."""
+    from PIL import Image, ImageDraw
+    H = len(ahead)
+    width = max(2 * PANEL, H * STRIP)
+    width += -width % 16
+    height = 16 + PANEL + 16 + STRIP + 16
+    height += -height % 16
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    big = lambda frame: Image.fromarray(frame).resize((PANEL, PANEL), Image.NEAREST)
+    left = (width - 2 * PANEL) // 2
+    canvas.paste(big(real), (left, 16))
+    canvas.paste(big(now), (left + PANEL, 16))
+    strip_left = (width - H * STRIP) // 2
+    for h, frame in enumerate(ahead):
+        canvas.paste(Image.fromarray(frame), (strip_left + h * STRIP, 16 + PANEL + 16))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((left + 4, 2), f"real, plan {i}", fill=(0, 0, 0))
+    draw.text((left + PANEL + 4, 2), "imagined for now" if i else "decoded real latent", fill=(0, 0, 0))
+    draw.text((strip_left + 4, 16 + PANEL + 2), f"imagined ahead, h = 1..{H}", fill=(0, 0, 0))
+    for h, r in enumerate(rewards):
+        draw.text((strip_left + h * STRIP + 4, 16 + PANEL + 16 + STRIP + 2), f"r {r:+.2f}", fill=(0, 0, 0))
+    return np.asarray(canvas)
+
+
+def cmd_video(ns: argparse.Namespace) -> int:
+    import imageio.v2 as imageio
+    from PIL import Image
+    seeds = fixed_track_seeds(100)
+    if not 0 <= ns.track < len(seeds):
+        raise valdi.ValdiError(f"--track must be between 0 and {len(seeds) - 1} (the fixed tracks of Sec. 4), "
+                               f"got {ns.track}")
+    device = valdi.pick_device(ns.cuda)
+    (run,) = load_runs([ns.run], device, planner_overrides(ns))
+    net, _ = decoder.load_decoder(run.run_dir, device, run.args.latent_dim)
+    out = Path(ns.out) if ns.out else run.eval_dir / f"video_track{ns.track}"
+    try:  # before the episode, not after it: an unwritable place costs nothing
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.with_name(out.name + ".probe")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise valdi.ValdiError(f"cannot write the video to {out}.mp4: {exc.strerror or exc} (give --out elsewhere)") from None
+    run.args = dataclasses.replace(run.args, max_episode_steps=ns.frames)
+    steps = run_steps(run, ns.diffusion_steps)
+    env = valdi.make_env(run.args)
+    plans = []
+    try:
+        traj, stats = valdi.collect_trajectory(env, run.model, run.args, device, 0.0, seeds[ns.track], steps,
+                                               new_generator(device, seeds[ns.track]),
+                                               on_plan=lambda z, a: plans.append((z, a)))
+    finally:
+        env.close()
+    H, chunk = run.args.horizon, run.args.action_chunk
+    with torch.inference_mode():
+        z = torch.cat([p[0] for p in plans])
+        actions = torch.cat([p[1] for p in plans])
+        imagined = run.model.imagine(z, actions, steps or 1, new_generator(device, ns.seed))  # (n, H+1, D)
+        rewards = run.model.reward(imagined[:, :H], actions).float().cpu().numpy()
+        pictures = decoder.to_hwc(decoder.decode(net, imagined.reshape(-1, imagined.shape[-1])))
+    pictures = (pictures.reshape(len(plans), H + 1, *pictures.shape[1:]) * 255).round().astype(np.uint8)
+    frames = [video_frame(traj["rgb"][chunk * i], pictures[i - 1, 1] if i else pictures[0, 0], pictures[i, 1:],
+                          rewards[i].tolist(), i) for i in range(len(plans))]
+    mp4, gif = out.with_suffix(".mp4"), out.with_suffix(".gif")
+    tmp = out.with_name(out.name + ".tmp.mp4")
+    with imageio.get_writer(tmp, fps=ns.fps, macro_block_size=16, ffmpeg_log_level="error") as writer:
+        for frame in frames:
+            writer.append_data(frame)
+    tmp.replace(mp4)
+    small = [Image.fromarray(f).resize((f.shape[1] // 2, f.shape[0] // 2)) for f in frames[::ns.gif_every]]
+    valdi.atomic_write(gif, lambda f: small[0].save(f, format="GIF", save_all=True, append_images=small[1:],
+                                                   duration=int(1000 * ns.gif_every / ns.fps), loop=0))
+    print(f"track {ns.track}: return {stats['return']:.1f} over {stats['length']} frames, {len(frames)} plans "
+          f"({run.args.dynamics}, {steps or '-'} steps); wrote {mp4} and {gif}")
+    return 0
+
+
+# =============================================================================================
+# 8. Command line
 # =============================================================================================
 def positive_int(text: str) -> int:
     try:
@@ -1097,6 +1189,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_grounding)
 
     add_speed_and_plot(command, [device], [runs])
+
+    p = command("video", "one evaluation episode: the real frame beside the decoded imagination, MP4 and GIF",
+                [planner, device])
+    p.add_argument("run", metavar="RUN", help="a run directory with a trained decoder (decoder.py train)")
+    p.add_argument("--track", type=int, default=0, help="which of the 100 fixed tracks (0..99)")
+    p.add_argument("--frames", type=positive_int, default=600, help="env frames of the episode")
+    p.add_argument("--diffusion-steps", type=diffusion_steps_type, default=None,
+                   help="DDIM steps for planning and imagination (default: the run's own)")
+    p.add_argument("--fps", type=positive_int, default=10, help="video frames (plans) per second")
+    p.add_argument("--gif-every", type=positive_int, default=2, help="every Nth plan goes into the half-size GIF")
+    p.add_argument("--seed", type=int, default=0, help="seed of the imagination's noise")
+    p.add_argument("--out", default=None, metavar="PATH", help="PATH.mp4 and PATH.gif (default: RUN/eval/video_trackK)")
+    p.set_defaults(func=cmd_video)
     return parser
 
 

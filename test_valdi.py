@@ -1486,18 +1486,58 @@ def test_the_readme_smoke_recipe_runs_every_companion_command(tmp_path, monkeypa
     mains = {"valdi.py": valdi.main, "eval_diagnostics.py": ed.main, "decoder.py": decoder.main}
     recipe, run = readme_smoke_recipe(), None
     for argv in recipe:
-        if argv[0].startswith("RUN="):  # RUN=$(ls -d smoke/*/)
-            run = only_run_dir(tmp_path / "smoke")
+        if argv[0].startswith("RUN="):  # RUN=$(ls -d smoke/runs/*/)
+            run = only_run_dir(tmp_path / "smoke" / "runs")
             continue
         assert argv[0] == "python" and argv[1] in mains, argv
         assert mains[argv[1]]([str(run) if a == "$RUN" else a for a in argv[2:]]) == 0, argv
     assert {argv[2] for argv in recipe if argv[1] != "valdi.py" and len(argv) > 2} >= {
-        "returns", "grounding", "consistency", "plot", "speed", "collect", "train", "diversity", "futures"}
+        "returns", "grounding", "consistency", "plot", "speed", "collect", "train", "diversity", "futures", "video"}
     for path in ("eval/returns.json", "eval/grounding.json", "eval/consistency.json", "decoder/decoder.pt",
-                 "decoder/diversity.json", "decoder/futures.png", "decoder/reconstructions.png"):
+                 "decoder/diversity.json", "decoder/futures.png", "decoder/reconstructions.png",
+                 "eval/video_track0.mp4", "eval/video_track0.gif"):
         assert (run / path).is_file(), path
     assert sorted(p.name for p in (tmp_path / "smoke" / "figures").glob("*.png")) == [
         "figure3_diffusion_steps.png", "figure4_training_returns.png", "training_losses.png"]
+
+
+def test_video_shows_every_plan_beside_its_imagination(diffusion_trained, tmp_path, capsys):
+    import imageio.v2 as imageio
+    run, _ = diffusion_trained
+    out = tmp_path / "clip"
+    assert ed.main(["video", str(run), "--track", "2", "--frames", "15", "--out", str(out), "--no-cuda"]) == 0
+    reader = imageio.get_reader(out.with_suffix(".mp4"))
+    assert reader.count_frames() == 15 // 3  # one frame per plan
+    assert reader.get_meta_data()["size"] == (480, 336)  # two 192-pixel panels over a strip of 5 x 96
+    frame = reader.get_data(1)
+    assert frame.shape == (336, 480, 3) and frame[16:208, 48:240].std() > 5  # the real frame is drawn
+    from PIL import Image
+    gif = Image.open(out.with_suffix(".gif"))
+    assert gif.size == (240, 168) and gif.n_frames == 3  # half size, every 2nd plan
+    assert "track 2:" in capsys.readouterr().out
+
+
+def test_video_bad_input_is_one_line(tiny_runs, diffusion_trained, tmp_path, capsys):
+    run, _ = diffusion_trained
+    cases = [(["video", str(run), "--track", "100"], "--track must be between 0 and 99"),
+             (["video", str(tiny_runs["mlp"])], "no decoder at"),
+             (["video", str(run), "--out", "/proc/no/such/place/clip"], "cannot write the video to")]
+    for argv, expected in cases:
+        assert ed.main([*argv, "--no-cuda"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, err
+
+
+def test_capture_video_records_training_episodes_without_changing_them(tiny_runs, tmp_path):
+    import imageio.v2 as imageio
+    assert valdi.main([*TINY, "--runs-dir", str(tmp_path), "--capture-video", "--video-every", "2"]) == 0
+    run = only_run_dir(tmp_path)
+    (video,) = sorted((run / "videos").glob("*.mp4"))  # trajectories 0 and 1, every 2nd: trajectory 0
+    assert video.name == "from-trajectory-000000-episode-0.mp4"
+    reader = imageio.get_reader(video)
+    assert reader.count_frames() == 31 and reader.get_meta_data()["size"] == (600, 400)  # reset + 30 steps
+    for name in ("000000.npz", "000001.npz"):  # recording watches; it does not change what happens
+        assert (run / "trajectories" / name).read_bytes() == (tiny_runs["diffusion"] / "trajectories" / name).read_bytes()
 
 
 # --- bad input: one line, non-zero exit, no traceback ---------------------------------------------

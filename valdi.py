@@ -87,6 +87,8 @@ class Args:
     precision: str = flag("fp32", "fp32, or bf16: bfloat16 autocast for planning and updates (losses, SIGReg, "
                                   "EMA and Adam state stay fp32)")
     exp_name: str = flag("valdi", "name prefix of the run directory")
+    capture_video: bool = flag(False, "record training episodes to RUN_DIR/videos (gymnasium's RecordVideo)")
+    video_every: int = flag(50, "with --capture-video, record every Nth training trajectory")
     runs_dir: str = flag("runs", "parent folder of run directories")
     resume: str = flag("", "continue the run in this RUN_DIR from its checkpoint.pt")
     # --- online loop (Algorithm 1, Table 3) ---
@@ -232,13 +234,21 @@ class ValdiCarRacing(gym.ObservationWrapper):
         return {"rgb": rgb, "proprio": proprio}
 
 
-def make_env(args: Args, render_mode: str | None = None) -> gym.Env:
+def make_env(args: Args, render_mode: str | None = None, video_dir: Path | None = None,
+             first_trajectory: int = 0) -> gym.Env:
     """The modified CarRacing: continuous actions, truncated at --max-episode-steps (600, not
     1000). Actions in [-1, 1]^3 go in unchanged: CarRacing clips gas to [0, 1] itself and
-    treats a negative brake as no brake, so the planner needs no per-dimension squashing."""
+    treats a negative brake as no brake, so the planner needs no per-dimension squashing.
+    With video_dir, every --video-every-th trajectory is recorded there as the full-size view
+    (as cleanRL's --capture-video); the episodes this env plays are trajectories
+    first_trajectory, first_trajectory + 1, ... of the run, which the file names count from."""
     env = gym.make("CarRacing-v3", continuous=True, max_episode_steps=args.max_episode_steps,
-                   render_mode=render_mode)
+                   render_mode="rgb_array" if video_dir else render_mode)
     env.action_space.seed(args.seed)
+    if video_dir:
+        env = gym.wrappers.RecordVideo(env, str(video_dir), name_prefix=f"from-trajectory-{first_trajectory:06d}",
+                                       episode_trigger=lambda e: (first_trajectory + e) % args.video_every == 0,
+                                       disable_logger=True)
     return ValdiCarRacing(env)
 
 
@@ -1029,7 +1039,7 @@ class Run:
     rng: np.random.Generator
     counters: dict
     rows: list  # progress.csv rows so far, as written
-    env: gym.Env
+    env: gym.Env | None  # made by start_run, once the run knows which trajectory comes next
     lock: object = None  # the open RUN_DIR/lock while this process owns the run
     wall_start: float = 0.0
 
@@ -1165,7 +1175,7 @@ def check_args(args: Args) -> None:
                 "updates_per_trajectory": 1, "batch_size": 1, "buffer_size": 1, "horizon": 1,
                 "action_chunk": 1, "latent_dim": 1, "pop_size": 1, "num_elites": 2, "cem_iters": 1,
                 "sigreg_slices": 1, "sigreg_points": 2, "seed": 0, "threads": 0,
-                "explore_hold": 0, "explore_decay": 0}
+                "explore_hold": 0, "explore_decay": 0, "video_every": 1}
     for key, low in at_least.items():
         if not getattr(args, key) >= low:
             refuse(key, f"at least {low}")
@@ -1545,8 +1555,8 @@ def new_run(args: Args, device: torch.device, run_dir: Path | None = None) -> Ru
                           args.horizon, args.action_chunk, rng)
     counters = {"trajectories": 0, "env_steps": 0, "updates": 0, "wall_seconds": 0.0}
     run_dir = run_dir or new_run_dir(args)
-    return Run(args, run_dir, device, model, target, optimizer, buffer, rng, counters, rows=[], env=make_env(args),
-               lock=lock_run_dir(run_dir))
+    lock = lock_run_dir(run_dir)
+    return Run(args, run_dir, device, model, target, optimizer, buffer, rng, counters, rows=[], env=None, lock=lock)
 
 
 def lock_run_dir(run_dir: Path):
@@ -1700,6 +1710,8 @@ def start_run(args: Args) -> tuple[Run, RunLog]:
     device = pick_device(args.cuda)
     check_device(args, device)
     run = resume_run(args, device) if args.resume else new_run(args, device)
+    run.env = make_env(args, video_dir=run.dir / "videos" if args.capture_video else None,
+                       first_trajectory=run.counters["trajectories"])
     write_json(run.dir / "args.json", {**dataclasses.asdict(args), "code": code_history(run)})
     if not args.resume:
         save_checkpoint(run)  # resumable from the first moment: a kill before trajectory 0 loses nothing
