@@ -52,16 +52,20 @@ def only_run_dir(parent: Path) -> Path:
     return run_dir
 
 
+def one_tiny_run_per_dynamics(tmp_path_factory, flags: list[str], prefix: str) -> dict:
+    runs = {}
+    for dynamics in valdi.DYNAMICS:
+        parent = tmp_path_factory.mktemp(f"{prefix}_{dynamics}")
+        assert valdi.main([*flags, "--runs-dir", str(parent), "--dynamics", dynamics]) == 0
+        runs[dynamics] = only_run_dir(parent)
+    return runs
+
+
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory):
     """One tiny trained run per dynamics, made through the CLI entry point. Shared by the tests
     of valdi.py and of the companion scripts; tests that modify a run copy it first."""
-    runs = {}
-    for dynamics in valdi.DYNAMICS:
-        parent = tmp_path_factory.mktemp(f"runs_{dynamics}")
-        assert valdi.main([*TINY, "--runs-dir", str(parent), "--dynamics", dynamics]) == 0
-        runs[dynamics] = only_run_dir(parent)
-    return runs
+    return one_tiny_run_per_dynamics(tmp_path_factory, TINY, "runs")
 
 
 def copy_run(run_dir: Path, parent: Path) -> Path:
@@ -1771,12 +1775,7 @@ CUDA_TINY = [flag for flag in TINY if flag != "--no-cuda"]
 @pytest.fixture(scope="module")
 def cuda_runs(tmp_path_factory):
     """One tiny run per dynamics trained on CUDA (eager), as the user runs it."""
-    runs = {}
-    for dynamics in valdi.DYNAMICS:
-        parent = tmp_path_factory.mktemp(f"cuda_{dynamics}")
-        assert valdi.main([*CUDA_TINY, "--runs-dir", str(parent), "--dynamics", dynamics]) == 0
-        runs[dynamics] = only_run_dir(parent)
-    return runs
+    return one_tiny_run_per_dynamics(tmp_path_factory, CUDA_TINY, "cuda")
 
 
 @pytest.mark.parametrize("dynamics", ["diffusion", "mlp", "flow"])
