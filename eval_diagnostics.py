@@ -856,7 +856,8 @@ def plot_training_returns(runs: dict, window: int, path: Path) -> Path:
             thin = log["return"] if len(seeds) == 1 else moving_average(log["return"], window)
             ax.plot(log["trajectory"], thin, color=color, alpha=0.3, linewidth=0.8)
         mean = seed_mean(curves)
-        ax.plot(np.arange(len(mean)), mean, color=color, linewidth=2.2,
+        ax.plot(np.arange(len(mean)), mean, color=color, linewidth=2.2, marker="o" if len(mean) < 20 else None,
+                markersize=3,
                 label=f"{system}, " + (f"mean of {len(seeds)} seeds" if len(seeds) > 1 else seeds[0][0].name))
         flags = seeds[0][1]
         if "seed_trajectories" in flags:  # Algorithm 1: no updates before this line
@@ -886,6 +887,7 @@ def plot_training_losses(runs: dict, window: int, path: Path) -> Path:
             x = first + np.arange(len(mean))
             ax.plot(x, mean, color=color, alpha=0.3, linewidth=0.7)
             ax.plot(x, moving_average(mean, window), color=color, linewidth=1.8,
+                    marker="o" if len(x) < 20 else None, markersize=3,  # a short run's points stay visible
                     label=f"{system} ({len(seeds)} seed{'s' * (len(seeds) > 1)})")
     for ax, (column, title) in zip(axes, TRAINING_CURVES):
         ax.set_yscale("log")

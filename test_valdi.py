@@ -33,7 +33,11 @@ HERE = Path(__file__).resolve().parent
 if os.environ.get("VALDI_TEST_NO_BF16"):
     # `VALDI_TEST_NO_BF16=1 python -m pytest` runs the suite as a CPU without native bfloat16
     # (AVX2 only) would: torch's capability check answers no, as it does there.
-    torch.ops.mkldnn._is_mkldnn_bf16_supported = lambda: False
+    class _AnswersNo:  # callable like the op, with the .default overload torch.compile looks up
+        def __call__(self):
+            return False
+        default = __call__
+    torch.ops.mkldnn._is_mkldnn_bf16_supported = _AnswersNo()
 NATIVE_BF16 = valdi.has_native_bf16(torch.device("cpu"))
 NO_BF16 = "this CPU has no native bfloat16 arithmetic: bf16 runs are refused here (tested by the no-bf16 tests)"
 TINY = ["--total-trajectories", "2", "--seed-trajectories", "1", "--max-episode-steps", "30",
