@@ -444,7 +444,8 @@ def cmd_consistency(ns: argparse.Namespace) -> int:
         path = valdi.write_json(path, data)
         print(f"wrote {path}", file=sys.stderr)
         results.append((run.label, rows))
-    print_table1("delta_TD", f"Self-consistency delta_TD_h (Eq. 2) from {ns.num_states} start states, signed mean ± "
+    counts = "/".join(dict.fromkeys(str(rows[0]["count"]) for _, rows in results))  # start states per run
+    print_table1("delta_TD", f"Self-consistency delta_TD_h (Eq. 2) from {counts} start states, signed mean ± "
                  f"standard error over episodes (the dataset's episodes the states come from; device {device})",
                  results)
     return 0
