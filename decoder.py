@@ -18,8 +18,8 @@ exactly the latent distribution its own model visits.
 Four subcommands, each taking a RUN_DIR made by valdi.py and writing into RUN_DIR/decoder/:
 
     python decoder.py collect   RUN_DIR   # dataset.npz: on-policy frames, split by episode
-    python decoder.py train     RUN_DIR   # decoder.pt, train_log.csv, reconstructions.png
-    python decoder.py diversity RUN_DIR   # diversity.json + a table (Fig. 3 right)
+    python decoder.py train     RUN_DIR   # decoder.pt, train.json, reconstructions.png, validation_curve.png
+    python decoder.py diversity RUN_DIR   # diversity.json, diversity.png + a table (Fig. 3 right)
     python decoder.py futures   RUN_DIR   # futures.png + futures.json (Fig. 5)
 
 Everything about the agent (flags, environment, networks, planner, checkpoints) is imported from
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -235,24 +236,79 @@ def evenly_spaced(n: int, k: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, min(k, n)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
 
 
+def plateaued(steps: list[int], val_loss: list[float], tolerance: float) -> bool:
+    """Supp. G trains the decoder to convergence; we call it converged when the best validation
+    loss of the last fifth of training is less than `tolerance` (1%) below the loss at the start
+    of that fifth. Undecided until five validations have followed the untrained one."""
+    if tolerance <= 0 or len(steps) < 6:
+        return False
+    start = max(i for i, s in enumerate(steps) if s <= 0.8 * steps[-1])  # where the last fifth begins
+    return start < len(steps) - 1 and min(val_loss[start + 1:]) > (1 - tolerance) * val_loss[start]
+
+
+# The flags a resumed training takes from its checkpoint, so that it goes on with the same
+# batches and learning rate; --steps (the cap) may be raised on resume.
+RESUMED_SETTINGS = ("batch_size", "lr", "seed", "eval_every", "val_max_frames", "plateau")
+
+
+def resume_state(out: Path, opts) -> dict:
+    """The saved training state of RUN_DIR/decoder/decoder.pt, with its settings put into opts."""
+    path = out / DECODER_NAME
+    if not path.is_file():
+        raise ValdiError(f"nothing to resume: no decoder at {path}; train without --resume first")
+    state = valdi.safe_torch_load(path, "decoder", "cpu")
+    if not isinstance(state, dict) or state.get("valdi_decoder") != 1 or "optimizer" not in state:
+        raise ValdiError(f"{path} holds no training state to resume; train afresh without --resume")
+    for key, value in state["settings"].items():
+        setattr(opts, key, value)
+    if state["steps"] > opts.steps:
+        raise ValdiError(f"the decoder has trained {state['steps']} steps, beyond --steps {opts.steps}")
+    return state
+
+
 def train(opts) -> Path:
     """Supp. G: fit the ViT decoder to map each frame's latent back to the frame (pixel MSE, Adam),
-    with the run's encoder frozen. Validation loss on held-out episodes at step 0 and every
-    --eval-every steps, each time with an atomic checkpoint; then a reconstruction PNG."""
+    with the run's encoder frozen, until the validation loss (held-out episodes, every
+    --eval-every steps, each time with an atomic checkpoint) stops improving or --steps is reached.
+    Then the yardstick: LPIPS between validation frames and their reconstructions, the
+    reconstruction PNG and the validation curve."""
     from tqdm import tqdm
 
     device = valdi.pick_device(opts.cuda)
     args, model = load_run(opts, device)
+    out = decoder_dir(opts.run_dir)
+    saved = resume_state(out, opts) if opts.resume else None  # also puts the saved settings into opts
     data, latents, train_idx, val_idx = frozen_latents(opts, model, device)
     rgb = torch.from_numpy(data["rgb"])  # stays on the host as uint8; batches travel
     torch.manual_seed(opts.seed)
+    lp = make_lpips(opts.lpips_random_backbone, device)  # early: a missing trunk fails before training
     generator = torch.Generator().manual_seed(opts.seed)
 
     decoder = ViTDecoder(args.latent_dim).to(device)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=opts.lr)
-    out = decoder_dir(opts.run_dir)
     log_path = out / "train_log.csv"
     history = {"step": [], "train_loss": [], "val_loss": []}
+    dataset_shape = {"frames": int(len(data["rgb"])), "train_frames": int(len(train_idx)),
+                     "val_frames": int(len(val_idx))}
+    running, seen, done = torch.zeros((), device=device), 0, 0  # summed on the device: no sync per step
+    if saved is not None:
+        if saved["dataset"] != dataset_shape:
+            raise ValdiError(f"{out / DECODER_NAME} was trained on another dataset ({saved['dataset']}, now "
+                             f"{dataset_shape}); train afresh without --resume")
+        valdi.load_weights(decoder, saved["decoder"], out / DECODER_NAME)
+        optimizer.load_state_dict(saved["optimizer"])
+        generator.set_state(saved["generator"])
+        history, done, seen = saved["history"], saved["steps"], saved["seen"]
+        running = saved["running"].to(device)
+
+    def save(step: int) -> None:
+        """Everything a later --resume needs to go on exactly as if never stopped."""
+        save_decoder(out / DECODER_NAME, decoder, {
+            "latent_dim": args.latent_dim, "steps": step, "val_loss": history["val_loss"][-1],
+            "history": history, "train_frames": int(len(train_idx)), "val_frames": int(len(val_idx)),
+            "dataset": dataset_shape, "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+            "running": running.detach().cpu(), "seen": seen,
+            "settings": {k: getattr(opts, k) for k in RESUMED_SETTINGS}})
 
     def record(step: int, train_loss: float) -> None:
         val = validation_loss(decoder, latents, rgb, val_idx, opts.batch_size)
@@ -260,44 +316,91 @@ def train(opts) -> Path:
             history[key].append(value)
         lines = [",".join(history)] + [",".join(map(str, row)) for row in zip(*history.values())]
         valdi.atomic_write(log_path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
-        save_decoder(out / DECODER_NAME, decoder, {
-            "latent_dim": args.latent_dim, "steps": step, "val_loss": val, "history": history,
-            "train_frames": int(len(train_idx)), "val_frames": int(len(val_idx))})
 
-    record(0, float("nan"))  # the untrained decoder's validation loss: the number to beat
-    bar = tqdm(range(1, opts.steps + 1), unit="step", desc="train decoder", dynamic_ncols=True)
-    running, seen, step = torch.zeros((), device=device), 0, 1  # summed on the device: no sync per step
+    stop_requested = []
+    previous = signal.signal(signal.SIGINT, lambda *_: stop_requested.append(True))  # finish the step, then stop
+    if saved is None:
+        record(0, float("nan"))  # the untrained decoder's validation loss: the number to beat
+        save(0)
+    converged = plateaued(history["step"], history["val_loss"], opts.plateau)
+    bar = tqdm(range(done + 1, opts.steps + 1), unit="step", desc="train decoder", dynamic_ncols=True,
+               initial=done, total=opts.steps, disable=converged)
     try:
-        for step in bar:
+        for step in (() if converged else bar):
             pick = torch.from_numpy(train_idx)[torch.randint(len(train_idx), (opts.batch_size,), generator=generator)]
             target = frames_to_float(rgb[pick].to(device, non_blocking=True))
             loss = F.mse_loss(decoder(latents[pick.to(device)]), target)  # pixel MSE (Supp. G)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            running, seen = running + loss.detach(), seen + 1
+            running, seen, done = running + loss.detach(), seen + 1, step
             if step % opts.eval_every == 0 or step == opts.steps:
                 record(step, running.item() / seen)
                 running, seen = torch.zeros((), device=device), 0
+                save(step)
                 bar.set_postfix(train=f"{history['train_loss'][-1]:.4f}", val=f"{history['val_loss'][-1]:.4f}")
-    except KeyboardInterrupt:  # keep what was learnt; the last finished step is `step - 1`
-        bar.close()
-        record(step - 1, running.item() / max(seen, 1))
-        print(f"\ninterrupted: decoder of step {step - 1} saved to {out / DECODER_NAME}", file=sys.stderr)
-        raise SystemExit(130)
+                if plateaued(history["step"], history["val_loss"], opts.plateau):
+                    converged = True
+                    break
+            if stop_requested:
+                save(step)  # between validations: resumable from exactly this step
+                bar.close()
+                print(f"\ninterrupted: the decoder after step {step} is in {out / DECODER_NAME}; continue "
+                      f"with: python decoder.py train {opts.run_dir} --resume", file=sys.stderr)
+                raise SystemExit(130)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     bar.close()
+    stop = (f"validation loss on a plateau (< {opts.plateau:.0%} better over the last fifth)" if converged
+            else f"the --steps cap, not yet on a plateau")
     print(f"validation MSE per pixel: {history['val_loss'][0]:.5f} (untrained) -> "
-          f"{history['val_loss'][-1]:.5f} after {opts.steps} steps; decoder -> {out / DECODER_NAME}")
+          f"{history['val_loss'][-1]:.5f} after {done} steps, stopped by {stop}; "
+          f"decoder -> {out / DECODER_NAME}")
+
+    # The yardstick for every LPIPS number made with this decoder: how far is a reconstruction
+    # from its real frame? Diversity below this level is within the decoder's own blur.
+    decoder.eval()
+    recon = torch.cat([decode(decoder, latents[c.to(device)]) for c in torch.from_numpy(val_idx).split(opts.batch_size)])
+    with torch.inference_mode():
+        per_frame = torch.cat([lp(frames_to_float(rgb[c].to(device)), recon[c_i], normalize=True).flatten()
+                               for c, c_i in zip(torch.from_numpy(val_idx).split(opts.batch_size),
+                                                 torch.arange(len(val_idx)).split(opts.batch_size))]).double().cpu().numpy()
+    episodes = data["episode"][val_idx]
+    per_episode = np.array([per_frame[episodes == e].mean() for e in np.unique(episodes)])
+    summary = {
+        "steps": int(done), "stopped_by": "plateau" if converged else "steps cap",
+        "plateau_tolerance": opts.plateau, "val_mse_untrained": history["val_loss"][0],
+        "val_mse": history["val_loss"][-1], "train_frames": int(len(train_idx)), "val_frames": int(len(val_idx)),
+        "val_episodes": int(len(per_episode)), "lpips_recon_mean": float(per_frame.mean()),
+        # Frames of one episode are alike, so the standard error is taken over validation episodes.
+        "lpips_recon_sem_over_episodes": sem(per_episode),
+        **lpips_record(opts.lpips_random_backbone), **valdi.device_record(device)}
+    valdi.write_json(out / "train.json", summary)
+    print(f"LPIPS(validation frame, its reconstruction) = {summary['lpips_recon_mean']:.4f}"
+          f" ± {fmt_sem(summary['lpips_recon_sem_over_episodes'])} (s.e. over {len(per_episode)} episodes, "
+          f"{summary['lpips_trunk']})")
 
     # Look at it: validation frames (top) above the decoder's reading of their latents (bottom).
-    show = val_idx[evenly_spaced(len(val_idx), opts.num_images)]
-    recon = decode(decoder.eval(), latents[torch.from_numpy(show).to(device)])
-    save_grid(out / "reconstructions.png", [to_hwc(frames_to_float(rgb[show])), to_hwc(recon)],
+    pick = evenly_spaced(len(val_idx), opts.num_images)
+    show = val_idx[pick]
+    save_grid(out / "reconstructions.png", [to_hwc(frames_to_float(rgb[show])), to_hwc(recon[torch.from_numpy(pick)])],
               row_labels=["validation frame", "decoded E(frame)"],
               col_titles=[f"ep {data['episode'][i]} t={data['step'][i]}" for i in show],
-              title=f"decoder reconstructions (validation MSE {history['val_loss'][-1]:.4f})")
-    print(f"reconstructions -> {out / 'reconstructions.png'}")
+              title=f"decoder reconstructions, validation episodes (MSE {history['val_loss'][-1]:.4f}, "
+                    f"LPIPS {summary['lpips_recon_mean']:.3f}, {summary['lpips_trunk_short']})")
+    save_curve(out / "validation_curve.png", history, stop)
+    print(f"reconstructions -> {out / 'reconstructions.png'}, curve -> {out / 'validation_curve.png'}")
     return out / DECODER_NAME
+
+
+def sem(values: np.ndarray) -> float | None:
+    """Standard error of the mean (sample std / sqrt(n)); None for fewer than two values."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
+
+
+def fmt_sem(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 @torch.inference_mode()
@@ -350,6 +453,18 @@ def make_lpips(random_backbone: bool, device: torch.device):
         print("note: LPIPS with a RANDOM AlexNet trunk (--lpips-random-backbone): its numbers are "
               "not comparable with the paper's")
     return model.to(device).eval().requires_grad_(False)
+
+
+def lpips_record(random_backbone: bool) -> dict:
+    """Which LPIPS made a number, for every JSON that holds one: only the pretrained trunk's
+    values can stand beside the paper's."""
+    if random_backbone:
+        return {"lpips_backbone": "random", "lpips_trunk": "AlexNet with random weights "
+                "(--lpips-random-backbone), not comparable with the paper", "lpips_trunk_short":
+                "LPIPS on a RANDOM AlexNet", "comparable_with_paper": False}
+    return {"lpips_backbone": "alexnet", "lpips_trunk": "AlexNet with torchvision's ImageNet weights "
+            "(lpips v0.1 heads), as in the paper", "lpips_trunk_short": "LPIPS on the pretrained AlexNet",
+            "comparable_with_paper": True}
 
 
 @torch.inference_mode()
@@ -437,7 +552,8 @@ def imagine_futures(model: valdi.WorldModel, z0: torch.Tensor, actions: torch.Te
 
 def diversity(opts) -> dict:
     """Fig. 3 (right): mean pairwise LPIPS of the decoded final states of --num-futures futures,
-    per number of DDIM steps, averaged over --num-starts start states (with the spread)."""
+    per number of DDIM steps, averaged over --num-starts start states (± the standard error over
+    start states), as a table, diversity.json and diversity.png."""
     from tqdm import tqdm
 
     if opts.num_futures < 2:
@@ -477,11 +593,11 @@ def diversity(opts) -> dict:
         "diffusion_steps": [int(s) for s in opts.diffusion_steps],
         "lpips_mean": per_start.mean(axis=1).tolist(),
         "lpips_std": per_start.std(axis=1).tolist(),  # spread over start states
+        "lpips_sem": [sem(row) for row in per_start],  # standard error of the mean over start states
         "lpips_per_start": per_start.tolist(),  # [step count][start]
         "num_starts": int(len(starts)), "num_futures": int(opts.num_futures),
         "start_indices": starts.tolist(),  # rows of dataset.npz
-        "dynamics": model.kind, "lpips_backbone": "random" if opts.lpips_random_backbone else "alexnet",
-        "comparable_with_paper": not opts.lpips_random_backbone,
+        "dynamics": model.kind, **lpips_record(opts.lpips_random_backbone),
         "paper_lpips": {str(k): v for k, v in PAPER_LPIPS.items()}, **valdi.device_record(device),
     }
     path, _ = valdi.result_path(decoder_dir(opts.run_dir) / "diversity.json", {k: result[k] for k in (
@@ -490,12 +606,14 @@ def diversity(opts) -> dict:
     valdi.write_json(path, result)
 
     print(f"\nmean pairwise LPIPS of decoded final states ({model.kind}, {len(starts)} starts x "
-          f"{opts.num_futures} futures, {result['lpips_backbone']} LPIPS)")
-    print(f"{'DDIM steps':>10} | {'LPIPS mean':>10} | {'std':>8} | {'paper':>6}")
-    for steps, mean, std in zip(result["diffusion_steps"], result["lpips_mean"], result["lpips_std"]):
+          f"{opts.num_futures} futures, {result['lpips_trunk_short']})")
+    print(f"{'DDIM steps':>10} | {'LPIPS mean':>10} | {'s.e.':>8} | {'std':>8} | {'paper':>6}")
+    for steps, mean, se, std in zip(result["diffusion_steps"], result["lpips_mean"], result["lpips_sem"],
+                                    result["lpips_std"]):
         paper = f"{PAPER_LPIPS[steps]:.3f}" if steps in PAPER_LPIPS else "-"
-        print(f"{steps:>10} | {mean:>10.4f} | {std:>8.4f} | {paper:>6}")
-    print(f"-> {path}")
+        print(f"{steps:>10} | {mean:>10.4f} | {fmt_sem(se):>8} | {std:>8.4f} | {paper:>6}")
+    png = save_diversity_figure(path.with_suffix(".png"), result, model.dynamics.stochastic)
+    print(f"-> {path}, {png}")
     return result
 
 
@@ -551,7 +669,7 @@ def futures(opts) -> Path:
             "num_futures": opts.num_futures, "diffusion_steps": opts.diffusion_steps, "chosen": list(chosen),
             "chosen_pairwise_lpips": distance[list(chosen)][:, list(chosen)].tolist(),
             "chosen_lpips_sum": score, "mean_pairwise_lpips_all": mean_pairwise(distance),
-            "dynamics": model.kind, "lpips_backbone": "random" if opts.lpips_random_backbone else "alexnet",
+            "dynamics": model.kind, **lpips_record(opts.lpips_random_backbone),
             "actions": actions[0].cpu().tolist()}
     valdi.write_json(out / "futures.json", info)
     if not model.dynamics.stochastic:
@@ -595,6 +713,62 @@ def save_grid(path: Path, rows: list, row_labels: list[str], col_titles: list[st
     plt.close(fig)
 
 
+def save_curve(path: Path, history: dict, stop: str) -> Path:
+    """The decoder's training and validation pixel MSE against Adam steps (log scale)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(history["step"][1:], history["train_loss"][1:], "-", color="tab:gray", label="training (mean since last point)")
+    ax.plot(history["step"], history["val_loss"], "o-", color="tab:blue", markersize=3, label="validation episodes")
+    ax.set_yscale("log")
+    ax.set_xlabel("Adam steps")
+    ax.set_ylabel("pixel MSE")
+    ax.set_title(f"decoder training: validation MSE {history['val_loss'][-1]:.5f} at step {history['step'][-1]}\n"
+                 f"stopped by {stop}", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    valdi.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+    return path
+
+
+def save_diversity_figure(path: Path, result: dict, stochastic: bool) -> Path:
+    """Fig. 3 (right): mean pairwise LPIPS of decoded final states against DDIM steps, ± s.e. over
+    start states, beside the paper's values; a deterministic dynamics (the MLP) has one future
+    per start, so its variety is the zero line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, mean = np.array(result["diffusion_steps"]), np.array(result["lpips_mean"])
+    se = np.array([v or 0.0 for v in result["lpips_sem"]])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    label = valdi.DYNAMICS[result["dynamics"]].label if result["dynamics"] in valdi.DYNAMICS else result["dynamics"]
+    ax.errorbar(steps, mean, yerr=se, marker="o", capsize=3, color="tab:blue",
+                label=f"{label} (this run, ± s.e. over {result['num_starts']} starts)")
+    paper = sorted((int(k), v) for k, v in result["paper_lpips"].items())
+    ax.plot([k for k, _ in paper], [v for _, v in paper], "s--", color="tab:gray", alpha=0.7,
+            label="Valdi in the paper (fully trained)")
+    if stochastic:
+        ax.axhline(0.0, color="tab:orange", linestyle="--", label="MLP: one deterministic future (0)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(set(steps.tolist()) | {k for k, _ in paper}))
+    ax.set_xticklabels([str(k) for k in sorted(set(steps.tolist()) | {k for k, _ in paper})])
+    ax.set_xlabel("inference DDIM steps")
+    ax.set_ylabel("mean pairwise LPIPS of decoded final states")
+    ax.set_title(f"Variety of imagined futures (Fig. 3 right): {result['num_futures']} futures per start\n"
+                 f"{result['lpips_trunk_short']}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    valdi.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+    return path
+
+
 # =============================================================================================
 # 7. Command line
 # =============================================================================================
@@ -633,16 +807,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="frames per episode (None: the run's own, 600 in the paper)")
 
     sub = command("train", "train the ViT decoder on the frozen encoder's latents of the dataset")
-    sub.add_argument("--steps", type=int, default=10000, help="Adam steps")
+    sub.add_argument("--steps", type=int, default=50000, help="Adam steps at most")
+    sub.add_argument("--plateau", type=float, default=0.01,
+                     help="stop once the best validation loss of the last fifth of training is less than this "
+                          "fraction below the loss at its start (0: always run --steps)")
     sub.add_argument("--batch-size", type=int, default=64, help="frames per step")
     sub.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
     sub.add_argument("--eval-every", type=int, default=500, help="steps between validation losses and checkpoints")
     sub.add_argument("--val-max-frames", type=int, default=512,
                      help="validation frames (evenly spaced) used for the validation loss")
     sub.add_argument("--num-images", type=int, default=8, help="frames shown in reconstructions.png")
+    sub.add_argument("--lpips-random-backbone", action="store_true",
+                     help="LPIPS with a random AlexNet trunk (offline; not comparable with the paper)")
+    sub.add_argument("--resume", action="store_true",
+                     help="go on from RUN_DIR/decoder/decoder.pt exactly (its batch size, learning rate, seed, "
+                          "validation settings); Ctrl-C saves the step it stopped at")
 
     sub = command("diversity", "mean pairwise LPIPS of decoded imagined futures per DDIM step count")
-    sub.add_argument("--num-starts", type=int, default=10, help="start states from the validation set")
+    sub.add_argument("--num-starts", type=int, default=50, help="start states from the validation set")
     sub.add_argument("--num-futures", type=int, default=100, help="imagined futures per start state")
     sub.add_argument("--diffusion-steps", type=int, nargs="+", default=[1, 2, 4, 8], help="DDIM step counts")
     lpips_flags(sub)
@@ -674,6 +856,8 @@ def check_options(opts) -> None:
             raise ValdiError("--val-fraction leaves no training episode")
     if opts.command == "train" and not opts.lr > 0:
         raise ValdiError("--lr must be positive")
+    if opts.command == "train" and not 0 <= opts.plateau < 1:
+        raise ValdiError("--plateau must lie in [0, 1)")
     if opts.command in ("diversity", "futures") and opts.skip_frames < 0:
         raise ValdiError("--skip-frames must not be negative")
 

@@ -933,10 +933,13 @@ def plot_diffusion_steps(evals: dict, path: Path) -> Path:
             if not {"diffusion_steps", "lpips_mean"} <= set(lp):
                 raise valdi.ValdiError(f"{diversity} lacks diffusion_steps / lpips_mean (written by decoder.py?)")
             ax2 = ax2 or ax.twinx()
-            ax2.errorbar(lp["diffusion_steps"], lp["lpips_mean"], yerr=lp.get("lpips_std"), color=color,
+            # ± s.e. over start states (older files hold only the spread, lpips_std).
+            spread = [v or 0.0 for v in lp["lpips_sem"]] if "lpips_sem" in lp else lp.get("lpips_std")
+            ax2.errorbar(lp["diffusion_steps"], lp["lpips_mean"], yerr=spread, color=color,
                          linestyle=":", marker="s", capsize=3,
                          label=f"{run_dir.name} LPIPS ({lp.get('num_starts', '?')} starts x "
-                               f"{lp.get('num_futures', '?')} futures)")
+                               f"{lp.get('num_futures', '?')} futures, {'± s.e.' if 'lpips_sem' in lp else '± std'}"
+                               f"{'' if lp.get('comparable_with_paper', True) else ', random trunk'})")
             all_steps.update(lp["diffusion_steps"])
     if all_steps:
         ax.set_xscale("log", base=2)

@@ -1422,7 +1422,7 @@ def test_flow_runs_through_every_command(tiny_runs, tmp_path, capsys):
     assert ed.main(["grounding", str(run), "--episodes", "1", "--wm-steps", "6", "--no-cuda"]) == 0
     assert len(json.loads((run / "eval" / "grounding.json").read_text())["rows"]) == 5  # h = 1..H
     assert decoder.main(["train", str(run), "--steps", "2", "--batch-size", "4", "--eval-every", "2",
-                         "--val-max-frames", "4", "--num-images", "2", "--no-cuda"]) == 0
+                         "--val-max-frames", "4", "--num-images", "2", "--lpips-random-backbone", "--no-cuda"]) == 0
     assert decoder.main(["diversity", str(run), "--num-starts", "2", "--num-futures", "3", "--diffusion-steps", "1",
                          "2", *LPIPS_FLAGS]) == 0
     diversity = read_diversity(run)
@@ -1593,7 +1593,7 @@ def diffusion_trained(diffusion_collected):
     before = sha256(run / "checkpoint.pt")
     assert decoder.main(["train", str(run), "--steps", "6", "--batch-size", "4", "--lr", "1e-3",
                          "--eval-every", "3", "--val-max-frames", "8", "--num-images", "2",
-                         "--no-cuda"]) == 0
+                         "--lpips-random-backbone", "--no-cuda"]) == 0
     return run, before
 
 
@@ -1602,7 +1602,7 @@ def mlp_trained(tiny_runs, tmp_path_factory):
     run = copy_run(tiny_runs["mlp"], tmp_path_factory.mktemp("decoder_mlp"))
     assert decoder.main(["collect", str(run), "--episodes", "2", "--no-cuda"]) == 0
     assert decoder.main(["train", str(run), "--steps", "1", "--batch-size", "2", "--val-max-frames", "2",
-                         "--num-images", "1", "--no-cuda"]) == 0
+                         "--num-images", "1", "--lpips-random-backbone", "--no-cuda"]) == 0
     return run
 
 
@@ -1651,6 +1651,59 @@ def test_train_lowers_validation_loss_and_keeps_encoder_frozen(diffusion_trained
     assert sha256(run / "checkpoint.pt") == checkpoint_hash  # the run (encoder included) untouched
     assert (run / "decoder" / "reconstructions.png").stat().st_size > 0
     assert len((run / "decoder" / "train_log.csv").read_text().strip().splitlines()) == 1 + 3
+    summary = json.loads((run / "decoder" / "train.json").read_text())
+    assert summary["stopped_by"] == "steps cap" and summary["steps"] == 6  # too few points to judge a plateau
+    assert summary["val_mse"] == history["val_loss"][-1]
+    assert summary["lpips_backbone"] == "random" and not summary["comparable_with_paper"]  # names its trunk
+    assert "random" in summary["lpips_trunk"] and summary["lpips_recon_mean"] > 0
+    import matplotlib.image
+    curve = matplotlib.image.imread(run / "decoder" / "validation_curve.png")
+    assert curve.ndim == 3 and curve.std() > 0
+
+
+def test_decoder_training_stopped_by_ctrl_c_resumes_exactly(diffusion_collected, tmp_path):
+    """Ctrl-C finishes the current step and saves it; --resume then goes on as if never stopped:
+    the same weights and the same logged losses as one uninterrupted training."""
+    flags = ["--batch-size", "2", "--lr", "1e-3", "--eval-every", "1000", "--val-max-frames", "2",
+             "--num-images", "1", "--lpips-random-backbone", "--no-cuda", "--threads", "1"]
+    whole, parts = (copy_run(diffusion_collected, tmp_path / name) for name in ("whole", "parts"))
+    checkpoint = parts / "decoder" / "decoder.pt"
+    process = subprocess.Popen([sys.executable, "decoder.py", "train", str(parts), "--steps", "1000", *flags],
+                               cwd=Path(__file__).parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.1)  # the step-0 checkpoint appears once the Ctrl-C handler is in place
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 130 and "--resume" in err and "Traceback" not in err
+    k = torch.load(checkpoint, weights_only=True)["steps"]
+    assert 1 <= k < 1000
+    # The resumed part takes batch size and learning rate from the checkpoint, not these flags.
+    assert decoder.main(["train", str(parts), "--steps", str(k + 2), "--resume", "--batch-size", "7",
+                         "--lpips-random-backbone", "--no-cuda", "--threads", "1"]) == 0
+    assert decoder.main(["train", str(whole), "--steps", str(k + 2), *flags]) == 0
+    torch.set_num_threads(2)  # back to the suite's setting
+    a, b = (torch.load(r / "decoder" / "decoder.pt", weights_only=True) for r in (whole, parts))
+    assert a["steps"] == b["steps"] == k + 2
+    assert a["history"]["step"] == b["history"]["step"] == [0, k + 2]
+    assert a["history"]["val_loss"] == b["history"]["val_loss"]
+    assert a["history"]["train_loss"][1:] == b["history"]["train_loss"][1:]  # the mean over steps 1..k+2
+    for key in a["decoder"]:
+        assert torch.equal(a["decoder"][key], b["decoder"][key]), key
+    assert decoder.main(["train", str(parts), "--steps", str(k), "--resume", "--no-cuda"]) == 2  # cannot go back
+
+
+@pytest.mark.parametrize("val_loss, expected", [
+    ([1.0, 0.5, 0.4, 0.3, 0.2, 0.1], False),          # still falling fast
+    ([1.0, 0.5, 0.4, 0.3, 0.3, 0.299], True),         # last fifth (after step 4): 0.3% better
+    ([1.0, 0.5, 0.4, 0.3, 0.3, 0.29], False),         # 3.3% better: keep going
+    ([1.0, 0.5, 0.4, 0.3, 0.30, 0.305], True),        # worse than at the start of the fifth
+    ([1.0, 0.5, 0.5, 0.5, 0.5], False),               # fewer than five validations after step 0
+])
+def test_decoder_stops_when_the_last_fifth_improves_by_less_than_one_percent(val_loss, expected):
+    steps = [500 * i for i in range(len(val_loss))]
+    assert decoder.plateaued(steps, val_loss, 0.01) is expected
+    assert decoder.plateaued(steps, val_loss, 0.0) is False  # --plateau 0 always runs all steps
 
 
 # --- LPIPS and the choice of 4 ---------------------------------------------------------------
@@ -1707,7 +1760,12 @@ def test_diversity_is_positive_for_diffusion_with_more_steps(diffusion_trained):
                          "--diffusion-steps", "1", "2", *LPIPS_FLAGS]) == 0
     result = read_diversity(run)
     assert result["dynamics"] == "diffusion" and not result["comparable_with_paper"]
+    assert result["lpips_backbone"] == "random" and "random" in result["lpips_trunk"]  # names its trunk
     assert result["lpips_mean"][1] > 1e-4  # 2 DDIM steps: the futures differ
+    per_start = np.array(result["lpips_per_start"])
+    assert result["lpips_sem"] == pytest.approx(per_start.std(axis=1, ddof=1) / np.sqrt(2))
+    import matplotlib.image
+    assert matplotlib.image.imread(run / "decoder" / "diversity.png").std() > 0
 
 
 # --- futures (Fig. 5) ------------------------------------------------------------------------
