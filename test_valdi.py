@@ -104,7 +104,7 @@ def test_parameter_counts(dynamics, expected):
 @pytest.mark.parametrize("system", ["valdi", "mlp"])
 def test_the_checkpoints_in_docs_load_and_plan(system):
     """The learning-check weights shipped in docs/ fit today's networks, name for name, and plan."""
-    path = HERE / "docs" / "learning-check" / system
+    path = HERE / "docs" / "learning-check" / "old-planner" / system
     args, model = valdi.load_run(path)
     assert args.dynamics == {"valdi": "diffusion", "mlp": "mlp"}[system]
     planned = valdi.plan(model, torch.zeros(1, args.latent_dim), dataclasses.replace(args, cuda=False),
@@ -1438,7 +1438,7 @@ def test_flow_runs_through_every_command(tiny_runs, tmp_path, capsys):
 def test_evaluating_a_shipped_checkpoint_differently_keeps_the_shipped_results(tmp_path, capsys):
     """The README's commands with smaller settings on a checkpoint from docs/: the shipped JSON
     stays byte for byte; the new results go beside it, named after what differs."""
-    run = Path(shutil.copytree(HERE / "docs" / "learning-check" / "mlp", tmp_path / "mlp"))
+    run = Path(shutil.copytree(HERE / "docs" / "learning-check" / "old-planner" / "mlp", tmp_path / "mlp"))
     shipped = {p.name: p.read_bytes() for p in (run / "eval").iterdir()}
     for _ in range(2):  # the second time, the same settings find their own file again
         assert ed.main(["returns", str(run), "--episodes", "1", "--frames", "15", "--no-cuda", "--threads", "1"]) == 0
