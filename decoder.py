@@ -278,6 +278,8 @@ def train(opts) -> Path:
     args, model = load_run(opts, device)
     out = decoder_dir(opts.run_dir)
     saved = resume_state(out, opts) if opts.resume else None  # also puts the saved settings into opts
+    if saved is None and (out / DECODER_NAME).is_file():  # hours of CPU training are not overwritten by mistake
+        raise ValdiError(f"{out / DECODER_NAME} exists; go on training it with --resume, or delete it to train afresh")
     data, latents, train_idx, val_idx = frozen_latents(opts, model, device)
     rgb = torch.from_numpy(data["rgb"])  # stays on the host as uint8; batches travel
     torch.manual_seed(opts.seed)

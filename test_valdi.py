@@ -1661,13 +1661,15 @@ def test_train_lowers_validation_loss_and_keeps_encoder_frozen(diffusion_trained
     assert curve.ndim == 3 and curve.std() > 0
 
 
-def test_decoder_training_stopped_by_ctrl_c_resumes_exactly(diffusion_collected, tmp_path):
+def test_decoder_training_stopped_by_ctrl_c_resumes_exactly(diffusion_collected, tmp_path, capsys):
     """Ctrl-C finishes the current step and saves it; --resume then goes on as if never stopped:
     the same weights and the same logged losses as one uninterrupted training."""
     flags = ["--batch-size", "2", "--lr", "1e-3", "--eval-every", "1000", "--val-max-frames", "2",
              "--num-images", "1", "--lpips-random-backbone", "--no-cuda", "--threads", "1"]
     whole, parts = (copy_run(diffusion_collected, tmp_path / name) for name in ("whole", "parts"))
     checkpoint = parts / "decoder" / "decoder.pt"
+    for run in (whole, parts):  # the fixture's run may hold a trained decoder already: start afresh
+        (run / "decoder" / "decoder.pt").unlink(missing_ok=True)
     process = subprocess.Popen([sys.executable, "decoder.py", "train", str(parts), "--steps", "1000", *flags],
                                cwd=Path(__file__).parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -1691,6 +1693,10 @@ def test_decoder_training_stopped_by_ctrl_c_resumes_exactly(diffusion_collected,
     for key in a["decoder"]:
         assert torch.equal(a["decoder"][key], b["decoder"][key]), key
     assert decoder.main(["train", str(parts), "--steps", str(k), "--resume", "--no-cuda"]) == 2  # cannot go back
+    capsys.readouterr()
+    assert decoder.main(["train", str(parts), "--no-cuda"]) == 2  # nor start afresh over a trained decoder
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "go on training it with --resume" in err[0]
 
 
 @pytest.mark.parametrize("val_loss, expected", [
