@@ -874,6 +874,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValdiError as exc:
         print(f"decoder.py: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside the decoder's training loop there is nothing to save
+        print("decoder.py: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
