@@ -831,6 +831,18 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
+def run_labels(run_dirs: list[Path]) -> dict[Path, str]:
+    """The shortest path tails, one depth for all, that tell the runs apart: folder names, or
+    parent/name for every run when two share a name (docs/learning-check/valdi/seed1 and
+    .../mlp/seed1 become valdi/seed1 and mlp/seed1)."""
+    parts = {d: d.resolve().parts for d in run_dirs}
+    for k in range(1, max(map(len, parts.values()), default=1) + 1):
+        labels = {d: "/".join(p[-k:]) for d, p in parts.items()}
+        if len(set(labels.values())) == len(labels):
+            return labels
+    return {d: str(d) for d in run_dirs}  # the same folder given twice
+
+
 def by_system(runs: dict) -> dict:
     """Runs grouped by their dynamics: the runs of one system are its seeds."""
     systems = {}
@@ -846,7 +858,7 @@ def seed_mean(curves: list[np.ndarray]) -> np.ndarray:
     return np.mean([c[:n] for c in curves], axis=0)
 
 
-def plot_training_returns(runs: dict, window: int, path: Path) -> Path:
+def plot_training_returns(runs: dict, labels: dict, window: int, path: Path) -> Path:
     """Fig. 4 (left): per seed, the trailing mean of the training returns (thin); per system,
     the mean over its seeds (thick). One seed: the thin line is its raw returns."""
     import matplotlib.pyplot as plt
@@ -859,7 +871,7 @@ def plot_training_returns(runs: dict, window: int, path: Path) -> Path:
         mean = seed_mean(curves)
         ax.plot(np.arange(len(mean)), mean, color=color, linewidth=2.2, marker="o" if len(mean) < 20 else None,
                 markersize=3,
-                label=f"{system}, " + (f"mean of {len(seeds)} seeds" if len(seeds) > 1 else seeds[0][0].name))
+                label=f"{system}, " + (f"mean of {len(seeds)} seeds" if len(seeds) > 1 else labels[seeds[0][0]]))
         flags = seeds[0][1]
         if "seed_trajectories" in flags:  # Algorithm 1: no updates before this line
             ax.axvline(flags["seed_trajectories"] - 0.5, color=color, linestyle=":", linewidth=1)
@@ -902,7 +914,7 @@ def plot_training_losses(runs: dict, window: int, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def plot_diffusion_steps(evals: dict, path: Path) -> Path:
+def plot_diffusion_steps(evals: dict, labels: dict, path: Path) -> Path:
     """Fig. 3 (left): evaluation return against inference diffusion steps, ± one standard error.
     Valdi runs are lines over the step counts; the MLP has no steps and is a horizontal line.
     decoder.py's LPIPS diversity (when present) goes on a second axis, as in the paper."""
@@ -915,7 +927,7 @@ def plot_diffusion_steps(evals: dict, path: Path) -> Path:
         if kind is not None and not kind.stochastic:
             r = results[0]
             ax.axhline(r["mean"], color=color, linestyle="--",
-                       label=f"{run_dir.name} ({kind.label}, {len(r['returns'])} episodes)")
+                       label=f"{labels[run_dir]} ({kind.label}, {len(r['returns'])} episodes)")
             if r.get("sem"):
                 ax.axhspan(r["mean"] - r["sem"], r["mean"] + r["sem"], color=color, alpha=0.1)
             continue
@@ -924,7 +936,7 @@ def plot_diffusion_steps(evals: dict, path: Path) -> Path:
         sem = np.array([r.get("sem") or 0.0 for r in results])
         all_steps.update(steps.tolist())
         episodes = sorted({len(r["returns"]) for r in results})
-        ax.plot(steps, mean, "o-", color=color, label=f"{run_dir.name} ({kind.label if kind else data['dynamics']}, "
+        ax.plot(steps, mean, "o-", color=color, label=f"{labels[run_dir]} ({kind.label if kind else data['dynamics']}, "
                 f"{'/'.join(map(str, episodes))} episodes per point)")
         ax.fill_between(steps, mean - sem, mean + sem, color=color, alpha=0.15)
         diversity = decoder.decoder_dir(run_dir) / "diversity.json"
@@ -937,7 +949,7 @@ def plot_diffusion_steps(evals: dict, path: Path) -> Path:
             spread = [v or 0.0 for v in lp["lpips_sem"]] if "lpips_sem" in lp else lp.get("lpips_std")
             ax2.errorbar(lp["diffusion_steps"], lp["lpips_mean"], yerr=spread, color=color,
                          linestyle=":", marker="s", capsize=3,
-                         label=f"{run_dir.name} LPIPS ({lp.get('num_starts', '?')} starts x "
+                         label=f"{labels[run_dir]} LPIPS ({lp.get('num_starts', '?')} starts x "
                                f"{lp.get('num_futures', '?')} futures, {'± s.e.' if 'lpips_sem' in lp else '± std'}"
                                f"{'' if lp.get('comparable_with_paper', True) else ', random trunk'})")
             all_steps.update(lp["diffusion_steps"])
@@ -975,19 +987,20 @@ def cmd_plot(ns: argparse.Namespace) -> int:
     out_dir = Path(ns.out_dir) if ns.out_dir else run_dirs[0] / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    written = [plot_training_returns(runs, ns.window, out_dir / "figure4_training_returns.png"),
+    labels = run_labels(run_dirs)
+    written = [plot_training_returns(runs, labels, ns.window, out_dir / "figure4_training_returns.png"),
                plot_training_losses(runs, ns.window, out_dir / "training_losses.png")]
     if evals:
-        written.append(plot_diffusion_steps(evals, out_dir / "figure3_diffusion_steps.png"))
+        written.append(plot_diffusion_steps(evals, labels, out_dir / "figure3_diffusion_steps.png"))
     else:
         print("no RUN_DIR/eval/returns.json in these runs: Figure 3 skipped (run `returns` first)", file=sys.stderr)
 
-    summary = {d.name: {"dynamics": flags.get("dynamics"), "trajectories": len(log["return"]),
+    summary = {labels[d]: {"dynamics": flags.get("dynamics"), "trajectories": len(log["return"]),
                         "final_moving_average": float(moving_average(log["return"], ns.window)[-1]),
                         "best_return": float(log["return"].max())}
                for d, (flags, log) in runs.items() if len(log["return"])}
-    blocks = {d.name: block_means(log, ns.block) for d, (_, log) in runs.items()}
-    over_seeds = {system: {"runs": [d.name for d, _, _ in seeds],
+    blocks = {labels[d]: block_means(log, ns.block) for d, (_, log) in runs.items()}
+    over_seeds = {system: {"runs": [labels[d] for d, _, _ in seeds],
                            "blocks": seed_block_means([block_means(log, ns.block) for _, _, log in seeds])}
                   for system, seeds in by_system(runs).items()}
     valdi.write_json(out_dir / "plot.json", {"figures": written, "window": ns.window, "runs": summary,

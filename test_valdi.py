@@ -1399,7 +1399,11 @@ def test_plot_groups_seeds_by_system(runs, tmp_path, capsys):
     over = json.loads((out_dir / "plot.json").read_text())["blocks_over_seeds"]
     first = np.mean([float(r["return"]) for r in read_rows(runs["diffusion"])])
     (block,) = over["Valdi"]["blocks"]
-    assert over["Valdi"]["runs"] == [runs["diffusion"].name, second.name] and block["seeds"] == 2
+    # The two Valdi runs share a folder name: their parents tell them apart in every table.
+    assert over["Valdi"]["runs"] == [f"{runs['diffusion'].parent.name}/{runs['diffusion'].name}",
+                                     f"seed2/{second.name}"] and block["seeds"] == 2
+    assert set(json.loads((out_dir / "plot.json").read_text())["blocks"]) == {
+        *over["Valdi"]["runs"], f"{runs['mlp'].parent.name}/{runs['mlp'].name}"}
     assert block["per_seed"] == pytest.approx([first, first + 10])
     assert (block["mean"], block["sem"]) == (pytest.approx(first + 5), pytest.approx(5.0))
     assert over["MLP"]["blocks"][0]["seeds"] == 1 and over["MLP"]["blocks"][0]["sem"] is None
