@@ -101,11 +101,16 @@ def test_parameter_counts(dynamics, expected):
     assert valdi.count_parameters(model) == expected
 
 
-@pytest.mark.parametrize("system", ["valdi", "mlp"])
-def test_the_checkpoints_in_docs_load_and_plan(system):
-    """The learning-check weights shipped in docs/ fit today's networks, name for name, and plan."""
-    path = HERE / "docs" / "learning-check" / "old-planner" / system
+SHIPPED_RUNS = sorted(p.parent.relative_to(HERE / "docs" / "learning-check")
+                      for p in (HERE / "docs" / "learning-check").rglob("checkpoint.pt"))
+
+
+@pytest.mark.parametrize("run", SHIPPED_RUNS, ids=str)
+def test_the_checkpoints_in_docs_load_and_plan(run):
+    """Every learning-check run shipped in docs/ fits today's networks, name for name, and plans."""
+    path = HERE / "docs" / "learning-check" / run
     args, model = valdi.load_run(path)
+    system = "valdi" if "valdi" in run.parts else "mlp"
     assert args.dynamics == {"valdi": "diffusion", "mlp": "mlp"}[system]
     planned = valdi.plan(model, torch.zeros(1, args.latent_dim), dataclasses.replace(args, cuda=False),
                          generator=torch.Generator().manual_seed(0))
