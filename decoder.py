@@ -362,11 +362,11 @@ def train(opts) -> Path:
     # The yardstick for every LPIPS number made with this decoder: how far is a reconstruction
     # from its real frame? Diversity below this level is within the decoder's own blur.
     decoder.eval()
-    recon = torch.cat([decode(decoder, latents[c.to(device)]) for c in torch.from_numpy(val_idx).split(opts.batch_size)])
+    val, b = torch.from_numpy(val_idx), opts.batch_size
+    recon = decode(decoder, latents[val.to(device)], b)
     with torch.inference_mode():
-        per_frame = torch.cat([lp(frames_to_float(rgb[c].to(device)), recon[c_i], normalize=True).flatten()
-                               for c, c_i in zip(torch.from_numpy(val_idx).split(opts.batch_size),
-                                                 torch.arange(len(val_idx)).split(opts.batch_size))]).double().cpu().numpy()
+        per_frame = torch.cat([lp(frames_to_float(rgb[val[i:i + b]].to(device)), recon[i:i + b], normalize=True).flatten()
+                               for i in range(0, len(val), b)]).double().cpu().numpy()
     episodes = data["episode"][val_idx]
     per_episode = np.array([per_frame[episodes == e].mean() for e in np.unique(episodes)])
     summary = {
