@@ -376,8 +376,9 @@ def test_terminal_masks_the_bootstrap_and_truncation_does_not():
     batch["terminal"][1, 5] = True
     ended = valdi.td_targets(model, target, batch, reward_target, args)
     assert ended[1, 5].item() == pytest.approx(reward_target[1, 5].item())  # no bootstrap after the end
-    with torch.no_grad():
-        v = target.value(model.encode(batch["rgb"][1, 6], batch["proprio"][1, 6]))
+    with torch.no_grad():  # the smaller of the target's two heads, taken by hand
+        z_next = model.encoder(batch["rgb"][1, 6], batch["proprio"][1, 6])
+        v = min(head(z_next) for head in target.value_heads.heads)
     assert open_ended[1, 5].item() == pytest.approx(reward_target[1, 5].item() + 0.99**3 * v.item(), rel=1e-5)
     mask = torch.ones_like(ended, dtype=torch.bool)
     mask[1, 5] = False
@@ -395,6 +396,58 @@ def test_ema_rule():
     valdi.ema_update(target, online, 0.005)
     for old, new, p in zip(before, target.parameters(), online.parameters()):
         torch.testing.assert_close(new, 0.995 * old + 0.005 * p)
+
+
+def test_eq9_total_loss_and_its_terms_by_hand():
+    """Eq. 9 and every term of it, recomputed from the networks' parts with the same random
+    draws (Valdi: tau, then eps, then SIGReg's directions): the velocity MSE (Eq. 7), the reward
+    MSE on the denoised latents (Eq. 1) against chunk returns, the TD value loss against
+    r + g min(target heads)(E(s')), SIGReg on z_0, and the total
+    (1 - l_reg)(l_diff L_diff + l_rew L_rew + l_val L_val) + l_reg L_reg."""
+    args = valdi.Args(sigreg_slices=32, reward_coef=0.3, value_coef=0.2, diffusion_coef=0.7, sigreg_coef=0.1)
+    torch.manual_seed(0)
+    model = valdi.WorldModel(args)
+    target = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in target.parameters():  # a target unlike the online network, as after some updates
+            p.add_(0.05 * torch.randn_like(p))
+    batch = random_batch(B=6)
+    batch["terminal"][2, 4] = True
+    H, B, g = args.horizon, 6, args.gamma_wm
+    torch.manual_seed(9)
+    with torch.no_grad():
+        total, parts = valdi.compute_losses(model, target, batch, args)
+        torch.manual_seed(9)
+        tau = torch.randint(0, valdi.DIFFUSION_T, (B,))
+        z0 = model.encoder(batch["rgb"][:, 0], batch["proprio"][:, 0])
+        z_bar = target.encoder(batch["rgb"][:, 1:H + 1], batch["proprio"][:, 1:H + 1])
+        eps = torch.randn_like(z_bar)
+        directions = torch.randn(64, args.sigreg_slices)
+        ab = valdi.linear_alpha_bar()[tau].view(B, 1, 1)
+        z_tau = ab.sqrt() * z_bar + (1 - ab).sqrt() * eps
+        u_hat = model.dynamics(z0, z_tau, batch["actions"][:, :H], tau)
+        dynamics = ((u_hat - (ab.sqrt() * eps - (1 - ab).sqrt() * z_bar)) ** 2).mean()
+        latents = torch.cat([z0[:, None], ab.sqrt() * z_tau - (1 - ab).sqrt() * u_hat], 1)  # Eq. 1
+        r = batch["rewards"]
+        chunk_reward = r[..., 0] + 0.99 * r[..., 1] + 0.99**2 * r[..., 2]
+        reward = ((model.reward_head(torch.cat([latents, batch["actions"]], -1)).squeeze(-1) - chunk_reward) ** 2).mean()
+        z_next = model.encoder(batch["rgb"][:, 1:], batch["proprio"][:, 1:])
+        v_next = torch.stack([head(z_next).squeeze(-1) for head in target.value_heads.heads]).min(0).values
+        td = chunk_reward + g * (~batch["terminal"]) * v_next
+        value = sum(0.5 * ((head(latents).squeeze(-1) - td) ** 2).mean() for head in model.value_heads.heads)
+        t = torch.linspace(0, 3, args.sigreg_points)
+        w = torch.full_like(t, 2 * 3 / (args.sigreg_points - 1))
+        w[0] = w[-1] = 3 / (args.sigreg_points - 1)
+        x = (z0 @ (directions / directions.norm(dim=0)))[..., None] * t  # (B, slices, points)
+        gap = (x.cos().mean(0) - torch.exp(-t**2 / 2)) ** 2 + x.sin().mean(0) ** 2
+        reg = B * (gap * w * torch.exp(-t**2 / 2)).sum(-1).mean()
+    hand = {"dynamics": dynamics, "reward": reward, "value": value, "sigreg": reg}
+    for name, expected in hand.items():
+        torch.testing.assert_close(parts[name], expected, rtol=1e-4, atol=1e-6, msg=name)
+    expected_total = (1 - 0.1) * (0.7 * dynamics + 0.3 * reward + 0.2 * value) + 0.1 * reg
+    torch.testing.assert_close(total, expected_total, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts["total"], expected_total, rtol=1e-5, atol=1e-6)
+    assert float(reg) > 0.01 and abs(float(td[2, 4] - chunk_reward[2, 4])) < 1e-6  # both terms matter here
 
 
 @pytest.mark.parametrize("dynamics", ["diffusion", "mlp", "flow"])
@@ -703,6 +756,77 @@ def test_cem_refits_the_elite_spread_with_the_sample_std():
     population = cem_by_hand(weights, args, torch.Generator().manual_seed(5), correction=0)
     torch.testing.assert_close(planned, bessel, rtol=0, atol=1e-6)
     assert not torch.allclose(bessel, population, atol=1e-3)  # the two rules give different plans here
+
+
+def eq10_by_hand(model: valdi.WorldModel, z: torch.Tensor, actions: torch.Tensor, gamma_wm: float,
+                 rule: str = "paper") -> torch.Tensor:
+    """Eq. 10 for each row of actions (P, H, 9) from the start latent z (1, D), written out from
+    the networks' parts: the MLP rolled out step by step, R of each chunk discounted by
+    g^0 .. g^(H-1), and g^H times the smaller of the two value heads at z_H. `rule` builds the
+    plausible slips instead: "larger_head" (max of the heads), "shifted" (g^1 .. g^H on the rewards)."""
+    P, H, _ = actions.shape
+    total, latent = torch.zeros(P), z.expand(P, -1)
+    for h in range(H):
+        weight = gamma_wm ** (h + 1 if rule == "shifted" else h)
+        total = total + weight * model.reward_head(torch.cat([latent, actions[:, h]], -1)).squeeze(-1)
+        latent = latent + model.dynamics.f(torch.cat([latent, actions[:, h]], -1))
+    heads = torch.stack([head(latent).squeeze(-1) for head in model.value_heads.heads])
+    terminal = heads.max(0).values if rule == "larger_head" else heads.min(0).values
+    return total + gamma_wm ** H * terminal
+
+
+def cem_with_rule(model: valdi.WorldModel, z: torch.Tensor, args: valdi.Args, seed: int, rule: str) -> torch.Tensor:
+    """CEM written out with plan()'s random draws (one standard-normal block per iteration),
+    scoring by eq10_by_hand. rule "last_best" keeps the last iteration's best instead of the best
+    seen; any other rule is passed to eq10_by_hand. Returns tanh(best), (1, H, 9)."""
+    P, K, H = args.pop_size, args.num_elites, args.horizon
+    generator = torch.Generator().manual_seed(seed)
+    mean, std = torch.zeros(H * 3, 3), torch.ones(H * 3, 3)
+    best, best_score = None, -math.inf
+    for _ in range(args.cem_iters):
+        samples = mean + std * torch.randn((1, P, H * 3, 3), generator=generator)[0]
+        scores = eq10_by_hand(model, z, torch.tanh(samples).reshape(P, H, 9), args.gamma_wm,
+                              "paper" if rule == "last_best" else rule)
+        order = scores.argsort(descending=True)[:K]
+        elites = samples[order]
+        mean, std = elites.mean(0), elites.std(0) + 1e-6
+        if rule == "last_best" or scores[order[0]] > best_score:
+            best, best_score = elites[0], scores[order[0]]
+    return torch.tanh(best).reshape(1, H, 9)
+
+
+def test_planner_return_and_best_seen_rule_equal_eq10_by_hand():
+    """The planner's candidate return is Eq. 10 term by term (rewards discounted from g^0, the
+    smaller value head at z_H scaled by g^H) and the plan is the best candidate seen in any CEM
+    iteration. For each plausible slip (the larger head, rewards shifted by one step, the last
+    iteration's best) a seed is found where the slip picks another plan than the paper's rule,
+    and the planner must give the paper's plan there: the test fails on any of the slips."""
+    torch.manual_seed(0)
+    # 12 elites of 16: later iterations improve little, so the best seen is often an early one.
+    args = valdi.Args(dynamics="mlp", pop_size=16, num_elites=12, cem_iters=3, gamma=0.8)  # g = 0.512
+    model = valdi.WorldModel(args).eval()
+    with torch.no_grad():
+        for head in model.value_heads.heads:  # values of the size of the rewards, and unlike each other
+            head[-1].weight.mul_(30.0)
+        model.reward_head.out.weight.mul_(10.0)
+    z = torch.randn(1, 64)
+    for slip in ("larger_head", "shifted", "last_best"):
+        with torch.no_grad():
+            for seed in range(300):
+                paper = cem_with_rule(model, z, args, seed, "paper")
+                if (cem_with_rule(model, z, args, seed, slip) - paper).abs().max() > 1e-3:
+                    break
+            else:
+                pytest.fail(f"no seed separates the paper's rule from {slip}")
+            planned = valdi.plan(model, z, args, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(planned, paper, rtol=0, atol=1e-5, msg=f"{slip} (seed {seed})")
+    # The scorer itself, on given actions, also equals the hand computation (not just its ranking).
+    actions = torch.tanh(torch.randn(8, args.horizon, 9, generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        discounts = args.gamma_wm ** torch.arange(args.horizon + 1.0)
+        latents = model.imagine(z.expand(8, -1), actions)
+        torch.testing.assert_close(valdi.trajectory_return(model, latents, actions, discounts),
+                                   eq10_by_hand(model, z, actions, args.gamma_wm), rtol=1e-5, atol=1e-5)
 
 
 def test_plan_runs_in_inference_mode_with_noise_and_bounds():
@@ -1227,7 +1351,7 @@ def test_td_and_drift_of_the_model_on_a_fixed_trajectory(runs):
         assert gamma_wm == pytest.approx(0.99 ** 3)  # one world-model step is 3 env steps (Supp. D)
         td = ed.td_of_rollouts(model, imagined, actions, gamma_wm)
         drift = ed.drift_of_episode(model, real, imagined)
-        V = lambda z: float(model.value(z))
+        V = lambda z: min(float(head(z)) for head in model.value_heads.heads)  # the smaller head, by hand
         for t in range(T):
             for h in range(H):
                 hand = (float(model.reward(imagined[t, h], actions[t, h])) + gamma_wm * V(imagined[t, h + 1])
