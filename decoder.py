@@ -31,6 +31,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import json
+import math
 import signal
 import sys
 import warnings
@@ -153,13 +156,120 @@ def load_dataset(run_dir: str | Path, path: Path | None = None) -> dict:
     return valdi.load_trajectory(path, DATASET_KEYS)  # the same plain-npz reader as the replay files
 
 
-def load_run(opts, device: torch.device) -> tuple[valdi.Args, valdi.WorldModel]:
-    """The run's flags and model, with --compile/--no-compile (when given) in place of the run's."""
-    args, model = valdi.load_run(opts.run_dir, device)
-    if opts.compile is not None:
-        args = dataclasses.replace(args, compile=opts.compile)
+def load_agent(path: str | Path, device: torch.device | str = "cpu", dynamics: str | None = None,
+               **overrides) -> valdi.Agent:
+    """A run's trained model as an agent to evaluate (valdi.Agent, no target or Adam), with the
+    run's flags and `overrides` of them (None: keep the run's). With `dynamics`, a checkpoint of
+    another kind is refused. A path of the wrong kind says which path was meant, in one line."""
+    path, device = Path(path), torch.device(device)
+    if path.suffix == ".npz":
+        raise ValdiError(f"{path} is a trajectory file, not a run: give its run directory ({path.parent.parent})")
+    if path.is_dir() and not (path / valdi.CHECKPOINT_NAME).is_file():
+        runs = sorted(p.parent.name for p in path.glob(f"*/{valdi.CHECKPOINT_NAME}"))
+        if (path.parent / valdi.CHECKPOINT_NAME).is_file():  # RUN/decoder, RUN/eval, RUN/trajectories
+            raise ValdiError(f"{path} is a folder inside a run, not a run: give the run directory {path.parent}")
+        if runs:
+            raise ValdiError(f"{path} is a folder of runs, not a run: give one of them, e.g. {path / runs[0]}")
+        raise ValdiError(f"no checkpoint at {path / valdi.CHECKPOINT_NAME} (expected a run directory made by valdi.py)")
+    state = valdi.load_checkpoint(path, map_location=device, required=("args", "model"))
+    given = {k: v for k, v in overrides.items() if v is not None}
+    flags = {**state["args"], **given}
+    args = valdi.Args(**{f.name: flags.get(f.name, f.default) for f in dataclasses.fields(valdi.Args)})
+    if dynamics is not None and args.dynamics != dynamics:
+        raise ValdiError(f"{path} holds a '{args.dynamics}' model, not '{dynamics}'")
+    if given:  # refuse inconsistent overrides as training would (--num-elites above --pop-size, ...)
+        valdi.check_args(args)
     valdi.check_device(args, device)
-    return args, model
+    model = valdi.WorldModel(args)
+    valdi.load_weights(model, state["model"], path)
+    return valdi.make_agent(args, device, model.eval())
+
+
+def load_run(opts, device: torch.device) -> valdi.Agent:
+    """The run's agent, with --compile/--no-compile (when given) in place of the run's."""
+    return load_agent(opts.run_dir, device, compile=opts.compile)
+
+
+# --- result files, shared with eval_diagnostics.py -------------------------------------------
+def write_json(path: Path, data) -> Path:
+    """Atomic JSON; NaN and infinity, which JSON lacks, become null."""
+    def plain(x):
+        if isinstance(x, dict):
+            return {str(k): plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        if isinstance(x, (float, np.floating)):
+            return float(x) if math.isfinite(x) else None
+        if isinstance(x, np.integer):
+            return int(x)
+        return str(x) if isinstance(x, Path) else x
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValdiError(f"cannot write {path}: {exc.strerror or exc}") from None
+    valdi.atomic_write(path, json.dumps(plain(data), indent=2).encode())
+    return Path(path)
+
+
+def result_path(path: Path, settings: dict) -> tuple[Path, dict | None]:
+    """Where a result measured with `settings` goes, and the stored result there (or None).
+    PATH when it is free or holds a result of the same settings; otherwise beside it, named
+    after the settings that differ (returns__1ep_15f.json): a stored result is never replaced
+    by one measured differently. Settings are compared as JSON would store them."""
+    settings = {k: json.loads(json.dumps(v)) for k, v in settings.items()}
+
+    def stored(p):
+        try:
+            return json.loads(Path(p).read_text())
+        except (OSError, ValueError):
+            raise ValdiError(f"cannot read {p}: not a result file (move it away to write here)") from None
+    if not path.exists():
+        return path, None
+    old = stored(path)
+    if all(old.get(k) == v for k, v in settings.items()):
+        return path, old
+    differing = [k for k, v in settings.items() if old.get(k) != v]
+    if "device" in differing:  # the device's kind says enough
+        differing = [k for k in differing if k not in ("device_name", "float32_matmul_precision")]
+    label = "_".join(setting_label(k, settings[k]) for k in differing)
+    for n in range(1, 1000):
+        candidate = path.with_name(f"{path.stem}__{label}{'' if n == 1 else f'_{n}'}{path.suffix}")
+        if not candidate.exists():
+            return candidate, None
+        other = stored(candidate)
+        if all(other.get(k) == v for k, v in settings.items()):
+            return candidate, other
+    raise ValdiError(f"too many results beside {path}")
+
+
+def setting_label(key: str, value) -> str:
+    """A short file-name part for one setting of a result."""
+    if key == "track_seeds":
+        return f"{len(value)}ep"
+    if key == "planner" and isinstance(value, dict):
+        return f"{value.get('pop_size')}x{value.get('num_elites')}x{value.get('cem_iters')}"
+    text = "-".join(str(v) for v in value) if isinstance(value, list) else str(value)
+    unit = {"frames": "f", "wm_steps": "wm", "num_states": "states", "diffusion_steps": "steps", "seed": "seed",
+            "num_starts": "starts", "num_futures": "futures"}.get(key, "")
+    return "".join(c if c.isalnum() or c in ".-" else "-" for c in text + unit)[:40]
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model as Linux reports it."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "cpu")
+    except OSError:
+        return "cpu"
+
+
+def device_record(device: torch.device) -> dict:
+    """What a measurement ran on: the device, its name, and how fp32 matmuls were computed (a GPU
+    computes "fp32" matmuls as TF32): results that differ in any are kept apart."""
+    return {"device": device.type, "device_name": device_name(device),
+            "float32_matmul_precision": torch.get_float32_matmul_precision()}
 
 
 def collect(opts) -> Path:
@@ -168,7 +278,8 @@ def collect(opts) -> Path:
     from tqdm import tqdm
 
     device = valdi.pick_device(opts.cuda)
-    args, model = load_run(opts, device)
+    agent = load_run(opts, device)
+    args, model = agent.args, agent.model
     if opts.max_episode_steps is not None:
         args.max_episode_steps = opts.max_episode_steps
         valdi.check_args(args)
@@ -188,8 +299,7 @@ def collect(opts) -> Path:
         for e in bar:
             # Noise 0: the dataset should show what the trained agent itself does, which is the
             # latent distribution the decoder will later be asked to draw.
-            traj, stats = valdi.collect_trajectory(env, model, args, device, 0.0, int(track_seeds[e]),
-                                                   generator=generator)
+            traj, stats = valdi.collect_trajectory(env, agent, 0.0, int(track_seeds[e]), generator=generator)
             n = len(traj["rgb"])  # L + 1 frames: the reset frame and one per env step
             parts["rgb"].append(traj["rgb"])
             parts["proprio"].append(traj["proprio"].astype(np.float32))
@@ -272,26 +382,71 @@ def train(opts) -> Path:
     --eval-every steps, each time with an atomic checkpoint) stops improving or --steps is reached.
     Then the yardstick: LPIPS between validation frames and their reconstructions, the
     reconstruction PNG and the validation curve."""
-    from tqdm import tqdm
-
     device = valdi.pick_device(opts.cuda)
-    args, model = load_run(opts, device)
+    agent = load_run(opts, device)
     out = decoder_dir(opts.run_dir)
     saved = resume_state(out, opts) if opts.resume else None  # also puts the saved settings into opts
     if saved is None and (out / DECODER_NAME).is_file():  # hours of CPU training are not overwritten by mistake
         raise ValdiError(f"{out / DECODER_NAME} exists; go on training it with --resume, or delete it to train afresh")
-    data, latents, train_idx, val_idx = frozen_latents(opts, model, device)
+    data, latents, train_idx, val_idx = frozen_latents(opts, agent.model, device)
     rgb = torch.from_numpy(data["rgb"])  # stays on the host as uint8; batches travel
     torch.manual_seed(opts.seed)
     lp = make_lpips(opts.lpips_random_backbone, device)  # early: a missing trunk fails before training
-    generator = torch.Generator().manual_seed(opts.seed)
+    decoder, history, done, converged = fit(opts, out, saved, agent.args.latent_dim, latents, rgb, train_idx, val_idx,
+                                            device)
+    stop = (f"validation loss on a plateau (< {opts.plateau:.0%} better over the last fifth)" if converged
+            else f"the --steps cap, not yet on a plateau")
+    print(f"validation MSE per pixel: {history['val_loss'][0]:.5f} (untrained) -> "
+          f"{history['val_loss'][-1]:.5f} after {done} steps, stopped by {stop}; "
+          f"decoder -> {out / DECODER_NAME}")
 
-    decoder = ViTDecoder(args.latent_dim).to(device)
+    # The yardstick for every LPIPS number made with this decoder: how far is a reconstruction
+    # from its real frame? Diversity below this level is within the decoder's own blur.
+    decoder.eval()
+    val, b = torch.from_numpy(val_idx), opts.batch_size
+    recon = decode(decoder, latents[val.to(device)], b)
+    with torch.inference_mode():
+        per_frame = torch.cat([lp(frames_to_float(rgb[val[i:i + b]].to(device)), recon[i:i + b], normalize=True).flatten()
+                               for i in range(0, len(val), b)]).double().cpu().numpy()
+    episodes = data["episode"][val_idx]
+    per_episode = np.array([per_frame[episodes == e].mean() for e in np.unique(episodes)])
+    summary = {
+        "steps": int(done), "stopped_by": "plateau" if converged else "steps cap",
+        "plateau_tolerance": opts.plateau, "val_mse_untrained": history["val_loss"][0],
+        "val_mse": history["val_loss"][-1], "train_frames": int(len(train_idx)), "val_frames": int(len(val_idx)),
+        "val_episodes": int(len(per_episode)), "lpips_recon_mean": float(per_frame.mean()),
+        # Frames of one episode are alike, so the standard error is taken over validation episodes.
+        "lpips_recon_sem_over_episodes": sem(per_episode),
+        **lpips_record(opts.lpips_random_backbone), **device_record(device)}
+    write_json(out / "train.json", summary)
+    print(f"LPIPS(validation frame, its reconstruction) = {summary['lpips_recon_mean']:.4f}"
+          f" ± {fmt_sem(summary['lpips_recon_sem_over_episodes'])} (s.e. over {len(per_episode)} episodes, "
+          f"{summary['lpips_trunk']})")
+
+    # Look at it: validation frames (top) above the decoder's reading of their latents (bottom).
+    pick = evenly_spaced(len(val_idx), opts.num_images)
+    show = val_idx[pick]
+    save_grid(out / "reconstructions.png", [to_hwc(frames_to_float(rgb[show])), to_hwc(recon[torch.from_numpy(pick)])],
+              row_labels=["validation frame", "decoded E(frame)"],
+              col_titles=[f"ep {data['episode'][i]} t={data['step'][i]}" for i in show],
+              title=f"decoder reconstructions, validation episodes (MSE {history['val_loss'][-1]:.4f}, "
+                    f"LPIPS {summary['lpips_recon_mean']:.3f}, {summary['lpips_trunk_short']})")
+    save_curve(out / "validation_curve.png", history, stop)
+    print(f"reconstructions -> {out / 'reconstructions.png'}, curve -> {out / 'validation_curve.png'}")
+    return out / DECODER_NAME
+
+
+def fit(opts, out: Path, saved: dict | None, latent_dim: int, latents: torch.Tensor, rgb: torch.Tensor,
+        train_idx: np.ndarray, val_idx: np.ndarray, device: torch.device):
+    """The training loop of `train`, from scratch or from `saved` (--resume): Adam on the pixel MSE of random
+    training frames, validated every --eval-every steps with a checkpoint each time; Ctrl-C saves the step it is in.
+    Returns (decoder, history, the last step, whether the validation loss reached its plateau)."""
+    from tqdm import tqdm
+    generator = torch.Generator().manual_seed(opts.seed)
+    decoder = ViTDecoder(latent_dim).to(device)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=opts.lr)
-    log_path = out / "train_log.csv"
     history = {"step": [], "train_loss": [], "val_loss": []}
-    dataset_shape = {"frames": int(len(data["rgb"])), "train_frames": int(len(train_idx)),
-                     "val_frames": int(len(val_idx))}
+    dataset_shape = {"frames": int(len(rgb)), "train_frames": int(len(train_idx)), "val_frames": int(len(val_idx))}
     running, seen, done = torch.zeros((), device=device), 0, 0  # summed on the device: no sync per step
     if saved is not None:
         if saved["dataset"] != dataset_shape:
@@ -306,7 +461,7 @@ def train(opts) -> Path:
     def save(step: int) -> None:
         """Everything a later --resume needs to go on exactly as if never stopped."""
         save_decoder(out / DECODER_NAME, decoder, {
-            "latent_dim": args.latent_dim, "steps": step, "val_loss": history["val_loss"][-1],
+            "latent_dim": latent_dim, "steps": step, "val_loss": history["val_loss"][-1],
             "history": history, "train_frames": int(len(train_idx)), "val_frames": int(len(val_idx)),
             "dataset": dataset_shape, "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
             "running": running.detach().cpu(), "seen": seen,
@@ -317,7 +472,7 @@ def train(opts) -> Path:
         for key, value in zip(history, (step, train_loss, val)):
             history[key].append(value)
         lines = [",".join(history)] + [",".join(map(str, row)) for row in zip(*history.values())]
-        valdi.atomic_write(log_path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+        valdi.atomic_write(out / "train_log.csv", ("\n".join(lines) + "\n").encode())
 
     stop_requested = []
     previous = signal.signal(signal.SIGINT, lambda *_: stop_requested.append(True))  # finish the step, then stop
@@ -353,46 +508,7 @@ def train(opts) -> Path:
     finally:
         signal.signal(signal.SIGINT, previous)
     bar.close()
-    stop = (f"validation loss on a plateau (< {opts.plateau:.0%} better over the last fifth)" if converged
-            else f"the --steps cap, not yet on a plateau")
-    print(f"validation MSE per pixel: {history['val_loss'][0]:.5f} (untrained) -> "
-          f"{history['val_loss'][-1]:.5f} after {done} steps, stopped by {stop}; "
-          f"decoder -> {out / DECODER_NAME}")
-
-    # The yardstick for every LPIPS number made with this decoder: how far is a reconstruction
-    # from its real frame? Diversity below this level is within the decoder's own blur.
-    decoder.eval()
-    val, b = torch.from_numpy(val_idx), opts.batch_size
-    recon = decode(decoder, latents[val.to(device)], b)
-    with torch.inference_mode():
-        per_frame = torch.cat([lp(frames_to_float(rgb[val[i:i + b]].to(device)), recon[i:i + b], normalize=True).flatten()
-                               for i in range(0, len(val), b)]).double().cpu().numpy()
-    episodes = data["episode"][val_idx]
-    per_episode = np.array([per_frame[episodes == e].mean() for e in np.unique(episodes)])
-    summary = {
-        "steps": int(done), "stopped_by": "plateau" if converged else "steps cap",
-        "plateau_tolerance": opts.plateau, "val_mse_untrained": history["val_loss"][0],
-        "val_mse": history["val_loss"][-1], "train_frames": int(len(train_idx)), "val_frames": int(len(val_idx)),
-        "val_episodes": int(len(per_episode)), "lpips_recon_mean": float(per_frame.mean()),
-        # Frames of one episode are alike, so the standard error is taken over validation episodes.
-        "lpips_recon_sem_over_episodes": sem(per_episode),
-        **lpips_record(opts.lpips_random_backbone), **valdi.device_record(device)}
-    valdi.write_json(out / "train.json", summary)
-    print(f"LPIPS(validation frame, its reconstruction) = {summary['lpips_recon_mean']:.4f}"
-          f" ± {fmt_sem(summary['lpips_recon_sem_over_episodes'])} (s.e. over {len(per_episode)} episodes, "
-          f"{summary['lpips_trunk']})")
-
-    # Look at it: validation frames (top) above the decoder's reading of their latents (bottom).
-    pick = evenly_spaced(len(val_idx), opts.num_images)
-    show = val_idx[pick]
-    save_grid(out / "reconstructions.png", [to_hwc(frames_to_float(rgb[show])), to_hwc(recon[torch.from_numpy(pick)])],
-              row_labels=["validation frame", "decoded E(frame)"],
-              col_titles=[f"ep {data['episode'][i]} t={data['step'][i]}" for i in show],
-              title=f"decoder reconstructions, validation episodes (MSE {history['val_loss'][-1]:.4f}, "
-                    f"LPIPS {summary['lpips_recon_mean']:.3f}, {summary['lpips_trunk_short']})")
-    save_curve(out / "validation_curve.png", history, stop)
-    print(f"reconstructions -> {out / 'reconstructions.png'}, curve -> {out / 'validation_curve.png'}")
-    return out / DECODER_NAME
+    return decoder, history, done, converged
 
 
 def sem(values: np.ndarray) -> float | None:
@@ -566,7 +682,8 @@ def diversity(opts) -> dict:
     if bad:
         raise ValdiError(valdi.diffusion_steps_error(bad[0]))
     device = valdi.pick_device(opts.cuda)
-    args, model = load_run(opts, device)
+    agent = load_run(opts, device)
+    args, model = agent.args, agent.model
     data = load_dataset(opts.run_dir)
     decoder, _ = load_decoder(opts.run_dir, device, args.latent_dim)
     candidates = start_frames(data, opts.skip_frames)
@@ -580,7 +697,7 @@ def diversity(opts) -> dict:
     z0 = encode_frames(model, data["rgb"][starts], data["proprio"][starts], device)
     # One action sequence per start, planned as the agent would act (noise 0, the run's own
     # inference steps), and kept fixed across step counts: only the sampler varies.
-    actions = valdi.plan(model, z0, args, 0.0, None, generator)
+    actions = valdi.plan(agent, z0, 0.0, None, generator)
     per_start = np.zeros((len(opts.diffusion_steps), len(starts)))
     bar = tqdm(total=per_start.size, unit="set", desc="diversity", dynamic_ncols=True)
     for s, z, a in zip(range(len(starts)), z0, actions):
@@ -600,12 +717,12 @@ def diversity(opts) -> dict:
         "num_starts": int(len(starts)), "num_futures": int(opts.num_futures),
         "start_indices": starts.tolist(),  # rows of dataset.npz
         "dynamics": model.kind, **lpips_record(opts.lpips_random_backbone),
-        "paper_lpips": {str(k): v for k, v in PAPER_LPIPS.items()}, **valdi.device_record(device),
+        "paper_lpips": {str(k): v for k, v in PAPER_LPIPS.items()}, **device_record(device),
     }
-    path, _ = valdi.result_path(decoder_dir(opts.run_dir) / "diversity.json", {k: result[k] for k in (
+    path, _ = result_path(decoder_dir(opts.run_dir) / "diversity.json", {k: result[k] for k in (
         "diffusion_steps", "num_starts", "num_futures", "lpips_backbone", "device", "device_name",
         "float32_matmul_precision")})
-    valdi.write_json(path, result)
+    write_json(path, result)
 
     print(f"\nmean pairwise LPIPS of decoded final states ({model.kind}, {len(starts)} starts x "
           f"{opts.num_futures} futures, {result['lpips_trunk_short']})")
@@ -628,7 +745,8 @@ def futures(opts) -> Path:
     if not 1 <= opts.diffusion_steps <= valdi.DIFFUSION_T:
         raise ValdiError(valdi.diffusion_steps_error(opts.diffusion_steps))
     device = valdi.pick_device(opts.cuda)
-    args, model = load_run(opts, device)
+    agent = load_run(opts, device)
+    args, model = agent.args, agent.model
     data = load_dataset(opts.run_dir)
     decoder, _ = load_decoder(opts.run_dir, device, args.latent_dim)
     if opts.start is None:
@@ -644,7 +762,7 @@ def futures(opts) -> Path:
 
     bar = tqdm(total=4, unit="stage", desc="futures", dynamic_ncols=True)
     z0 = encode_frames(model, data["rgb"][start:start + 1], data["proprio"][start:start + 1], device)
-    actions = valdi.plan(model, z0, args, 0.0, None, generator)  # one plan, as the agent would act
+    actions = valdi.plan(agent, z0, 0.0, None, generator)  # one plan, as the agent would act
     trajectories = imagine_futures(model, z0, actions, opts.num_futures, opts.diffusion_steps, generator)
     bar.update(1)
     finals = decode(decoder, trajectories[:, -1], opts.decode_batch)
@@ -673,7 +791,7 @@ def futures(opts) -> Path:
             "chosen_lpips_sum": score, "mean_pairwise_lpips_all": mean_pairwise(distance),
             "dynamics": model.kind, **lpips_record(opts.lpips_random_backbone),
             "actions": actions[0].cpu().tolist()}
-    valdi.write_json(out / "futures.json", info)
+    write_json(out / "futures.json", info)
     if not model.dynamics.stochastic:
         print(f"note: the {model.kind} dynamics is deterministic, so all futures (and all 4 rows) are the same")
     print(f"futures {list(chosen)} (sum of pairwise LPIPS {score:.4f}) -> {png}")
@@ -774,6 +892,27 @@ def save_diversity_figure(path: Path, result: dict, stochastic: bool) -> Path:
 # =============================================================================================
 # 7. Command line
 # =============================================================================================
+def add_command(commands, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand on one RUN_DIR, with the flags every subcommand takes."""
+    sub = commands.add_parser(name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub.add_argument("run_dir", metavar="RUN_DIR", help="a run directory made by valdi.py")
+    sub.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True,
+                     help="use CUDA when it is available (--no-cuda forces the CPU)")
+    sub.add_argument("--seed", type=int, default=0, help="seed of tracks, sampling and noise")
+    sub.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                     help="torch.compile the planner (default: as the run was trained)")
+    sub.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, one per core)")
+    return sub
+
+
+def add_lpips_flags(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--lpips-random-backbone", action="store_true",
+                     help="LPIPS with a random AlexNet trunk (offline; not comparable with the paper)")
+    sub.add_argument("--skip-frames", type=int, default=50,
+                     help="start states only from frames at or after this step (CarRacing zooms in first)")
+    sub.add_argument("--decode-batch", type=int, default=32, help="latents decoded per batch")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = valdi.OneLineParser(
         prog="decoder.py",
@@ -781,25 +920,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "diverse futures (Fig. 5). Each subcommand writes into RUN_DIR/decoder/.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                      parser_class=valdi.OneLineParser)
-
-    def command(name: str, help: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help, description=help,
-                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        sub.add_argument("run_dir", metavar="RUN_DIR", help="a run directory made by valdi.py")
-        sub.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True,
-                         help="use CUDA when it is available (--no-cuda forces the CPU)")
-        sub.add_argument("--seed", type=int, default=0, help="seed of tracks, sampling and noise")
-        sub.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                         help="torch.compile the planner (default: as the run was trained)")
-        sub.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, one per core)")
-        return sub
-
-    def lpips_flags(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--lpips-random-backbone", action="store_true",
-                         help="LPIPS with a random AlexNet trunk (offline; not comparable with the paper)")
-        sub.add_argument("--skip-frames", type=int, default=50,
-                         help="start states only from frames at or after this step (CarRacing zooms in first)")
-        sub.add_argument("--decode-batch", type=int, default=32, help="latents decoded per batch")
+    command = functools.partial(add_command, commands)
 
     sub = command("collect", "roll out the run's planner (noise 0) and store an on-policy frame dataset")
     sub.add_argument("--episodes", type=int, default=20, help="episodes (tracks) to collect")
@@ -829,14 +950,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--num-starts", type=int, default=50, help="start states from the validation set")
     sub.add_argument("--num-futures", type=int, default=100, help="imagined futures per start state")
     sub.add_argument("--diffusion-steps", type=int, nargs="+", default=[1, 2, 4, 8], help="DDIM step counts")
-    lpips_flags(sub)
+    add_lpips_flags(sub)
 
     sub = command("futures", "Figure 5: the 4 most different of N futures from one start, as a 4 x 6 grid")
     sub.add_argument("--num-futures", type=int, default=100, help="imagined futures to choose from")
     sub.add_argument("--diffusion-steps", type=int, default=8, help="DDIM steps of the imagination")
     sub.add_argument("--start", type=int, default=None,
                      help="dataset row of the start frame (None: the middle eligible validation frame)")
-    lpips_flags(sub)
+    add_lpips_flags(sub)
     return parser
 
 

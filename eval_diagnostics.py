@@ -76,6 +76,7 @@ class Run:
     run_dir: Path  # the folder that holds it; results go to run_dir/eval
     args: valdi.Args  # the flags it was trained with (planner overrides applied)
     model: valdi.WorldModel
+    agent: valdi.Agent  # the model with its planner flags, as valdi.plan takes it
 
     @property
     def label(self) -> str:
@@ -92,16 +93,13 @@ def run_dir_of(path: str | Path) -> Path:
 
 
 def load_runs(paths: list[str], device: torch.device, overrides: dict | None = None) -> list[Run]:
-    """valdi.load_run for each path (one clear ValdiError for a missing, corrupt or foreign
+    """decoder.load_agent for each path (one clear ValdiError for a missing, corrupt or foreign
     checkpoint). `overrides` replaces planner flags (population, elites, iterations) for this
     evaluation only; valdi.check_args refuses inconsistent combinations as training would."""
     runs = []
     for path in paths:
-        args, model = valdi.load_run(path, device)
-        args = dataclasses.replace(args, **{k: v for k, v in (overrides or {}).items() if v is not None})
-        valdi.check_args(args)
-        valdi.check_device(args, device)
-        runs.append(Run(Path(path), run_dir_of(path), args, model))
+        agent = decoder.load_agent(path, device, **(overrides or {}))
+        runs.append(Run(Path(path), run_dir_of(path), agent.args, agent.model, agent))
     return runs
 
 
@@ -177,7 +175,7 @@ def evaluate_returns(run: Run, device: torch.device, track_seeds: list[int], dif
             # One generator per episode, seeded by its track: an episode's result does not depend
             # on which episodes ran before it, so --episodes 10 reproduces the first 10 of 100.
             plans = []
-            traj, stats = valdi.collect_trajectory(env, run.model, run.args, device, noise_std=0.0,
+            traj, stats = valdi.collect_trajectory(env, run.agent, noise_std=0.0,
                                                 track_seed=seed, diffusion_steps=diffusion_steps,
                                                 generator=new_generator(device, seed),
                                                 on_plan=lambda z, a: plans.append(a) if not plans else None)
@@ -223,7 +221,7 @@ PROTOCOL = ("track_seeds", "frames", "planner", "device", "device_name", "float3
 
 
 def merge_results(old: dict | None, new: dict) -> dict:
-    """Keep earlier step counts of the same protocol (valdi.result_path finds that file), so a
+    """Keep earlier step counts of the same protocol (decoder.result_path finds that file), so a
     sweep can be run one step count at a time."""
     if old is None:
         return new
@@ -251,13 +249,13 @@ def cmd_returns(ns: argparse.Namespace) -> int:
                 bar.set_description(f"returns {run.args.dynamics}" + (f" {steps} steps" if steps else ""))
                 results.append(evaluate_returns(run, device, seeds, steps, bar))
             data = {"run": run.path, "dynamics": run.args.dynamics, "frames": ns.frames,
-                    "planner": planner_settings(run.args), **valdi.device_record(device),
+                    "planner": planner_settings(run.args), **decoder.device_record(device),
                     "track_seeds": seeds, "results": results}
             # fp32 results in returns.json; other precisions beside it, compared with fp32 below.
             # Another protocol or device goes beside them too: a stored result is never replaced.
             path = run.eval_dir / ("returns.json" if run.args.precision == "fp32" else f"returns_{run.args.precision}.json")
-            path, old = valdi.result_path(path, {k: data[k] for k in PROTOCOL})
-            valdi.write_json(path, merge_results(old, data))
+            path, old = decoder.result_path(path, {k: data[k] for k in PROTOCOL})
+            decoder.write_json(path, merge_results(old, data))
             bar.write(f"wrote {path}", file=sys.stderr)
             if run.args.precision != "fp32" and (run.eval_dir / "returns.json").exists():
                 compare_with_fp32(read_json(run.eval_dir / "returns.json"), data)
@@ -366,7 +364,7 @@ def td_of_rollouts(model: valdi.WorldModel, latents: torch.Tensor, actions: torc
     """delta_TD (N, H) of imagined rollouts latents (N, H+1, D) under actions (N, H, A): the
     reward head on (z_hat_h, a_h) for h < H and the value (min of heads) at every depth."""
     rewards = model.reward(latents[:, :-1], actions)
-    values = model.value(latents)
+    values = model.min_value(latents)
     return td_residuals(rewards.float().cpu().numpy(), values.float().cpu().numpy(), gamma_wm)
 
 
@@ -374,8 +372,8 @@ def td_of_rollouts(model: valdi.WorldModel, latents: torch.Tensor, actions: torc
 def drift_of_episode(model: valdi.WorldModel, real_latents: torch.Tensor,
                      imagined_latents: torch.Tensor) -> list[np.ndarray]:
     """delta_drift of one episode: real latents (R, D), imagined rollouts (T, H+1, D)."""
-    return drift_residuals(model.value(real_latents).float().cpu().numpy(),
-                           model.value(imagined_latents).float().cpu().numpy())
+    return drift_residuals(model.min_value(real_latents).float().cpu().numpy(),
+                           model.min_value(imagined_latents).float().cpu().numpy())
 
 
 # =============================================================================================
@@ -406,7 +404,7 @@ def consistency_of_run(run: Run, device: torch.device, rgb: np.ndarray, proprio:
     for i in range(0, len(rgb), plan_batch):
         with torch.inference_mode():
             z = decoder.encode_frames(run.model, rgb[i:i + plan_batch], proprio[i:i + plan_batch], device)
-            actions = valdi.plan(run.model, z, run.args, 0.0, steps, generator)
+            actions = valdi.plan(run.agent, z, 0.0, steps, generator)
             # A fresh imagination of the chosen plan, not the one the planner scored it on: the
             # best of 512 scored futures is biased towards optimism; a new sample is not.
             latents = run.model.imagine(z, actions, steps, generator)
@@ -438,10 +436,10 @@ def cmd_consistency(ns: argparse.Namespace) -> int:
                 "num_states": len(states["rgb"]), "num_tracks": len(np.unique(states["episode"])),
                 "evaluation_tracks_in_dataset": states["evaluation_tracks_in_dataset"],
                 "source": states["source"], "gamma_wm": run.args.gamma_wm,
-                "planner": planner_settings(run.args), **valdi.device_record(device), "seed": ns.seed, "rows": rows}
-        path, _ = valdi.result_path(run.eval_dir / "consistency.json", {k: data[k] for k in (
+                "planner": planner_settings(run.args), **decoder.device_record(device), "seed": ns.seed, "rows": rows}
+        path, _ = decoder.result_path(run.eval_dir / "consistency.json", {k: data[k] for k in (
             "num_states", "diffusion_steps", "planner", "seed", "device", "device_name", "float32_matmul_precision")})
-        path = valdi.write_json(path, data)
+        path = decoder.write_json(path, data)
         print(f"wrote {path}", file=sys.stderr)
         results.append((run.label, rows))
     counts = "/".join(dict.fromkeys(str(rows[0]["count"]) for _, rows in results))  # start states per run
@@ -473,8 +471,7 @@ def closed_loop_episode(env, run: Run, device: torch.device, track_seed: int, st
         real.append(z[0])
         imagined.append(model.imagine(z, actions, steps or 1, generator)[0])  # z_hat_{0..H}
 
-    traj, stats = valdi.collect_trajectory(env, model, args, device, 0.0, track_seed, steps, generator,
-                                           on_plan=record)
+    traj, stats = valdi.collect_trajectory(env, run.agent, 0.0, track_seed, steps, generator, on_plan=record)
     # The last observation is a real z_{t+1} only if the last chunk ran in full (it then sits
     # exactly 3 frames after the last plan) and is not a terminal state: a terminal state has
     # no future, its value is never trained (the TD target masks it), so comparing it would
@@ -516,11 +513,11 @@ def cmd_grounding(ns: argparse.Namespace) -> int:
             rows = error_rows([np.concatenate(d) for d in per_h], 1, [np.concatenate(e) for e in episode_of])
             data = {"run": run.path, "dynamics": run.args.dynamics, "diffusion_steps": steps,
                     "wm_steps": ns.wm_steps, "track_seeds": seeds, "returns": returns, "lengths": lengths,
-                    "planner": planner_settings(run.args), **valdi.device_record(device), "rows": rows}
-            path, _ = valdi.result_path(run.eval_dir / "grounding.json", {k: data[k] for k in (
+                    "planner": planner_settings(run.args), **decoder.device_record(device), "rows": rows}
+            path, _ = decoder.result_path(run.eval_dir / "grounding.json", {k: data[k] for k in (
                 "track_seeds", "wm_steps", "diffusion_steps", "planner", "device", "device_name",
                 "float32_matmul_precision")})
-            path = valdi.write_json(path, data)
+            path = decoder.write_json(path, data)
             bar.write(f"wrote {path}", file=sys.stderr)
             results.append((run.label, rows))
     print_table1("delta_drift", f"Grounding delta_drift_h (Eq. 3) from {len(seeds)} closed-loop episodes of "
@@ -574,15 +571,13 @@ def paper_flops(ns: argparse.Namespace, device: torch.device) -> dict:
     for what, dynamics in (("plan", ns.planner_dynamics), ("update", "diffusion")):
         args = valdi.Args(dynamics=dynamics, pop_size=ns.pop_size, num_elites=ns.num_elites, cem_iters=ns.cem_iters,
                           horizon=ns.horizon, batch_size=ns.batch_size, cuda=ns.cuda)
-        model = valdi.WorldModel(args).to(device)
+        agent = valdi.make_agent(args, device)
         if what == "plan":
             z = torch.randn(1, args.latent_dim, device=device)
-            flops[what] = flops_of(lambda: valdi.plan(model, z, args, 0.0, 1))
+            flops[what] = flops_of(lambda: valdi.plan(agent, z, 0.0, 1))
         else:
-            target = copy.deepcopy(model).requires_grad_(False)
-            optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
             batch = synthetic_batch(args, device)
-            flops[what] = flops_of(lambda: valdi.update(model, target, optimizer, batch, args))
+            flops[what] = flops_of(lambda: valdi.update(agent, batch))
     return flops
 
 
@@ -616,38 +611,34 @@ def speed_of(mode: str, precision: str, ns: argparse.Namespace, device: torch.de
                           compile=mode == "compiled", precision=precision)
         valdi.check_args(args)
         valdi.check_device(args, device)
-        torch.manual_seed(0)
-        model = valdi.WorldModel(args).to(device)
-        target = copy.deepcopy(model).requires_grad_(False)
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, capturable=valdi.capturable(args, device))
+        agent = valdi.make_agent(args, device)  # speed depends on shapes, not on weights
         batch = synthetic_batch(args, device)
         if dynamics in ns.dynamics:
-            compile_s[f"update {dynamics}"], update_s = timed(
-                lambda: valdi.update(model, target, optimizer, batch, args), device, ns.repeats)
+            compile_s[f"update {dynamics}"], update_s = timed(lambda: valdi.update(agent, batch), device, ns.repeats)
             row[f"update_ms_{dynamics}"] = 1000 * update_s
         if dynamics != ns.planner_dynamics:
             continue
         z = torch.randn(1, args.latent_dim, device=device)  # one start latent, as the agent plans
         for steps in (1, 8):  # .cpu() on the plan is the agent's one sync per plan
-            compile_s[f"plan {steps} steps"], plan_s = timed(lambda: valdi.plan(model, z, args, 0.0, steps).cpu(),
+            compile_s[f"plan {steps} steps"], plan_s = timed(lambda: valdi.plan(agent, z, 0.0, steps).cpu(),
                                                              device, ns.repeats)
             row[f"plan_hz_{steps}"] = 1 / plan_s
-        row["act_fps"] = acting_rate(model, args, device, ns.act_frames)
+        row["act_fps"] = acting_rate(agent, ns.act_frames)
     row["compile_s"] = {k: v for k, v in compile_s.items()} if mode == "compiled" else {}
     return row
 
 
-def acting_rate(model: valdi.WorldModel, args: valdi.Args, device: torch.device, frames: int) -> float:
+def acting_rate(agent: valdi.Agent, frames: int) -> float:
     """Env frames per second of the agent's own loop (valdi.collect_trajectory: encoder,
     planner, env.step), the track's generation at reset left out."""
-    env = valdi.make_env(dataclasses.replace(args, max_episode_steps=frames))
+    env = valdi.make_env(dataclasses.replace(agent.args, max_episode_steps=frames))
     try:
-        valdi.collect_trajectory(env, model, args, device, 0.0, track_seed=0)  # warm-up
+        valdi.collect_trajectory(env, agent, 0.0, track_seed=0)  # warm-up
         t0 = time.perf_counter()
         env.reset(seed=1)
         reset_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        _, stats = valdi.collect_trajectory(env, model, args, device, 0.0, track_seed=1)
+        _, stats = valdi.collect_trajectory(env, agent, 0.0, track_seed=1)
         return stats["length"] / (time.perf_counter() - t0 - reset_s)
     finally:
         env.close()
@@ -668,11 +659,8 @@ def batch_preparation(ns: argparse.Namespace, device: torch.device) -> dict:
                   "rewards": rng.standard_normal(n).astype(np.float32), "terminated": False}
     for _ in range(ns.replay_trajectories):
         buffer.add(trajectory)
-    torch.manual_seed(0)
-    model = valdi.WorldModel(args).to(device)
-    target = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    learn = lambda batch: valdi.update(model, target, optimizer, batch, args)
+    agent = valdi.make_agent(args, device)
+    learn = lambda batch: valdi.update(agent, batch)
     fixed = valdi.to_device(buffer.sample(args.batch_size), device)
     updates = ns.prep_updates
     prepare_s = timed(lambda: valdi.to_device(buffer.sample(args.batch_size), device), device, ns.repeats)[1]
@@ -708,7 +696,7 @@ def cmd_speed(ns: argparse.Namespace) -> int:
     base = rows[0]  # eager fp32 when it was measured: the ratios' reference
     flops = paper_flops(ns, device)
     prep = batch_preparation(ns, device) if ns.replay_trajectories else None
-    name = f"{valdi.device_name(device)}" + ("" if device.type == "cuda" else f", {torch.get_num_threads()} threads")
+    name = f"{decoder.device_name(device)}" + ("" if device.type == "cuda" else f", {torch.get_num_threads()} threads")
     print(f"\nSpeed on {device} ({name}); planner {ns.pop_size} x {ns.cem_iters}, H = {ns.horizon}; update batch "
           f"{ns.batch_size}; median of {ns.repeats}; ratios to {base['mode']} {base['precision']}; efficiency: "
           f"FLOP rate / dense matmul of that precision ({', '.join(f'{p} {v / 1e12:.2f} TFLOP/s' for p, v in peak.items())})")
@@ -746,8 +734,8 @@ def cmd_speed(ns: argparse.Namespace) -> int:
               f"its batch {100 * prep['waiting_share_inline']:.1f}% of its time when the batch is gathered in line, "
               f"{100 * prep['waiting_share_worker']:.1f}% with the worker thread ({prep['updates']} updates each)")
     if ns.json:
-        path = valdi.write_json(Path(ns.json), {
-            **valdi.device_record(device), "device_label": name, "torch": torch.__version__, "matmul_peak": peak,
+        path = decoder.write_json(Path(ns.json), {
+            **decoder.device_record(device), "device_label": name, "torch": torch.__version__, "matmul_peak": peak,
             "flops": flops, "flags": {k: v for k, v in vars(ns).items() if k != "func"}, "rows": rows,
             "batch_preparation": prep})
         print(f"wrote {path}", file=sys.stderr)
@@ -792,8 +780,12 @@ def run_flags(run_dir: Path) -> dict:
         return {}
 
 
-TRAINING_CURVES = [("loss_dynamics", "dynamics loss (Eq. 7 / latent MSE)"), ("loss_reward", "reward loss"),
-                   ("loss_value", "value (TD) loss"), ("loss_sigreg", "SIGReg"), ("latent_norm", "mean |z_t|")]
+# The training-curve figure and the block means draw every statistic an update reports
+# (valdi.UPDATE_STATS, the total aside), titled here where a title is known, else by name.
+CURVE_TITLES = {"dynamics": "dynamics loss (Eq. 7 / latent MSE)", "reward": "reward loss", "value": "value (TD) loss",
+                "sigreg": "SIGReg", "latent_norm": "mean |z_t|"}
+TRAINING_CURVES = [(valdi.stat_column(name), CURVE_TITLES.get(name, name)) for name in valdi.UPDATE_STATS
+                   if name != "total"]
 
 
 def block_means(log: dict, block: int) -> list[dict]:
@@ -1003,7 +995,7 @@ def cmd_plot(ns: argparse.Namespace) -> int:
     over_seeds = {system: {"runs": [labels[d] for d, _, _ in seeds],
                            "blocks": seed_block_means([block_means(log, ns.block) for _, _, log in seeds])}
                   for system, seeds in by_system(runs).items()}
-    valdi.write_json(out_dir / "plot.json", {"figures": written, "window": ns.window, "runs": summary,
+    decoder.write_json(out_dir / "plot.json", {"figures": written, "window": ns.window, "runs": summary,
                                               "blocks": blocks, "blocks_over_seeds": over_seeds})
     print(markdown_table(["run", "dynamics", "trajectories", f"last mean of {ns.window}", "best return"],
                          [[name, r["dynamics"], r["trajectories"], fmt(r["final_moving_average"], 1),
@@ -1083,7 +1075,7 @@ def cmd_video(ns: argparse.Namespace) -> int:
     env = valdi.make_env(run.args)
     plans = []
     try:
-        traj, stats = valdi.collect_trajectory(env, run.model, run.args, device, 0.0, seeds[ns.track], steps,
+        traj, stats = valdi.collect_trajectory(env, run.agent, 0.0, seeds[ns.track], steps,
                                                new_generator(device, seeds[ns.track]),
                                                on_plan=lambda z, a: plans.append((z, a)))
     finally:
@@ -1153,13 +1145,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    # valdi's one-line parser: a bad flag prints one line, not the whole usage block. Subparsers
-    # inherit the class, so subcommand errors are one line too.
-    parser = valdi.OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                  formatter_class=_HelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def parent_parsers() -> tuple[argparse.ArgumentParser, ...]:
+    """The flag groups several subcommands share: the device, the runs, and planner overrides."""
     device = valdi.OneLineParser(add_help=False)
     device.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True,
                         help="use CUDA when it is available (--no-cuda forces the CPU)")
@@ -1175,6 +1162,16 @@ def build_parser() -> argparse.ArgumentParser:
                          help="planner precision for this evaluation (default: the run's own)")
     planner.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                          help="torch.compile the planner for this evaluation (default: the run's own)")
+    return device, runs, planner
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # valdi's one-line parser: a bad flag prints one line, not the whole usage block. Subparsers
+    # inherit the class, so subcommand errors are one line too.
+    parser = valdi.OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                  formatter_class=_HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    device, runs, planner = parent_parsers()
 
     def command(name, help, parents):
         return sub.add_parser(name, help=help, description=help, parents=parents,

@@ -83,6 +83,11 @@ def tiny_args(**overrides) -> valdi.Args:
     return valdi.Args(**base)
 
 
+def agent_of(model, args, target=None, optimizer=None, device="cpu") -> valdi.Agent:
+    """An agent around given networks, with the speed switches of `args` applied as training does."""
+    return valdi.speed_up(valdi.Agent(args, torch.device(device), model, target, optimizer))
+
+
 # ---------------------------------------------------------------------------------------------
 # Networks: exact parameter counts of Supp. B
 # ---------------------------------------------------------------------------------------------
@@ -109,11 +114,11 @@ SHIPPED_RUNS = sorted(p.parent.relative_to(HERE / "docs" / "learning-check")
 def test_the_checkpoints_in_docs_load_and_plan(run):
     """Every learning-check run shipped in docs/ fits today's networks, name for name, and plans."""
     path = HERE / "docs" / "learning-check" / run
-    args, model = valdi.load_run(path)
+    agent = decoder.load_agent(path)
+    args = agent.args
     system = "valdi" if "valdi" in run.parts else "mlp"
     assert args.dynamics == {"valdi": "diffusion", "mlp": "mlp"}[system]
-    planned = valdi.plan(model, torch.zeros(1, args.latent_dim), dataclasses.replace(args, cuda=False),
-                         generator=torch.Generator().manual_seed(0))
+    planned = valdi.plan(agent, torch.zeros(1, args.latent_dim), generator=torch.Generator().manual_seed(0))
     assert planned.shape == (1, args.horizon, 9) and torch.isfinite(planned).all()
 
 
@@ -310,7 +315,7 @@ def test_flow_time_embedding_loss_and_sampler_by_hand():
 
     x = torch.randn(4, 5, 64)  # two Euler steps: t = 0, then t = 1/2
     half = x + flow(z0, x, actions, torch.zeros(1)) / 2
-    torch.testing.assert_close(flow.sample(z0, actions, 2, x), half + flow(z0, half, actions, torch.full((1,), 0.5)) / 2)
+    torch.testing.assert_close(flow.imagine(z0, actions, 2, x), half + flow(z0, half, actions, torch.full((1,), 0.5)) / 2)
 
 
 def test_imagine_shapes_and_stochasticity():
@@ -469,7 +474,7 @@ def test_one_update_lowers_the_loss_on_a_fixed_batch(dynamics):
 
     before = loss_with_fixed_noise()
     torch.manual_seed(123)
-    parts = valdi.update(model, target, optimizer, batch, args)
+    parts = valdi.update(agent_of(model, args, target, optimizer), batch)
     after = loss_with_fixed_noise()
     assert parts[0].item() == pytest.approx(before, rel=1e-5)  # update reports the pre-step loss
     assert after < before
@@ -483,7 +488,7 @@ def test_update_trains_every_component():
     target = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    valdi.update(model, target, optimizer, random_batch(), args)
+    valdi.update(agent_of(model, args, target, optimizer), random_batch())
     unchanged = [name for name, p in model.named_parameters() if torch.equal(p, before[name])]
     # Embedding rows of timesteps not drawn get no gradient; everything else must move.
     assert all(name == "dynamics.tau_embed.weight" for name in unchanged), unchanged
@@ -510,29 +515,24 @@ def test_compiled_planner_and_update_agree_with_eager(tiny_runs):
     if not can_compile():
         pytest.skip("torch.compile cannot build on this platform")
     import torch._inductor.config as inductor_config
-    _, model = valdi.load_run(tiny_runs["diffusion"])
+    model = decoder.load_agent(tiny_runs["diffusion"]).model
     eager_args, compiled_args = tiny_args(), tiny_args(compile=True)
     generator = lambda: torch.Generator().manual_seed(5)
     z = torch.randn(2, eager_args.latent_dim, generator=generator())
-    z_pop = z.repeat_interleave(eager_args.pop_size, 0)
-    samples = torch.randn(2, eager_args.pop_size, 15, 3, generator=generator())
-    noise = model.sampling_noise(z_pop, generator())
-    discounts = eager_args.gamma_wm ** torch.arange(eager_args.horizon + 1.0)
-    cpu = torch.device("cpu")
+    samples = torch.randn(2, 2, eager_args.pop_size, 15, 3, generator=generator())  # 2 iterations
+    noise = torch.randn(2, 2 * eager_args.pop_size, eager_args.horizon, eager_args.latent_dim, generator=generator())
     with torch.no_grad():
-        inputs = (model, z_pop, samples, noise, discounts, 2)
-        eager = valdi.score_population(*inputs)
-        fast = valdi.compiled(valdi.score_population, compiled_args, cpu)(*inputs)
+        inputs = (model, z, samples, noise, 2, eager_args)
+        eager = valdi.cem_search(*inputs)
+        fast = valdi.faster(valdi.cem_search, "cpu", "fp32", True)(*inputs)
         assert torch.allclose(fast, eager, rtol=1e-5, atol=1e-5) and eager.std() > 1e-3
-        # The whole search is captured as one graph, as CUDA compiles it (traced here, not built:
-        # the CUDA tests check the compiled search against eager).
-        search = torch._dynamo.explain(valdi.cem_search)(model, z_pop, torch.stack([samples, samples.flip(1)]),
-                                                         torch.stack([noise, noise.flip(0)]), discounts, 2,
-                                                         eager_args.num_elites)
+        # The whole search is captured as one graph, as on CUDA (there replayed as a CUDA graph).
+        search = torch._dynamo.explain(valdi.cem_search)(*inputs)
         assert (search.graph_count, search.graph_break_count) == (1, 0)
     # The whole plan: same population, same elites, same actions (same shapes and step count as
-    # above, so the compiled scorer is reused rather than built again).
-    planned = [valdi.plan(model, z, a, diffusion_steps=2, generator=generator()) for a in (eager_args, compiled_args)]
+    # above, so the compiled search is reused rather than built again).
+    planned = [valdi.plan(agent_of(model, a), z, diffusion_steps=2, generator=generator())
+               for a in (eager_args, compiled_args)]
     assert torch.allclose(planned[0], planned[1], atol=1e-5)
 
     buffer = valdi.ReplayBuffer(2, 30, eager_args.horizon, eager_args.action_chunk, np.random.default_rng(0))
@@ -545,7 +545,8 @@ def test_compiled_planner_and_update_agree_with_eager(tiny_runs):
         optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
         torch.manual_seed(11)
         with inductor_config.patch(fallback_random=True):
-            stats = torch.stack([valdi.update(net, target, optimizer, batch, args) for _ in range(2)])
+            agent = agent_of(net, args, target, optimizer)
+            stats = torch.stack([valdi.update(agent, batch) for _ in range(2)])
         results.append((stats, net, target))
     (stats_e, net_e, target_e), (stats_c, net_c, target_c) = results
     assert torch.allclose(stats_c, stats_e, rtol=1e-4, atol=1e-6)
@@ -558,10 +559,10 @@ def test_compiled_planner_and_update_agree_with_eager(tiny_runs):
     for eager_net, compiled_net in [(net_e, net_c), (target_e, target_c)]:
         step = flat(eager_net) - flat(model)
         assert (flat(compiled_net) - flat(eager_net)).norm() < 1e-2 * step.norm()
-    # What is captured, as the docstring of valdi.update says: the forward pass whole (the step
-    # is compiled on CUDA only; its graph breaks are checked by the CUDA tests).
+    # What is captured, as valdi.speed_up says: the losses' forward pass whole (the step is
+    # compiled on CUDA only; its graph breaks are checked by the CUDA tests).
     torch._dynamo.reset()
-    forward = torch._dynamo.explain(valdi.forward_losses)(net_e, target_e, batch, eager_args)
+    forward = torch._dynamo.explain(valdi.compute_losses)(net_e, target_e, batch, eager_args)
     assert (forward.graph_count, forward.graph_break_count) == (1, 0)
 
 
@@ -573,11 +574,11 @@ def test_a_compile_failure_mid_run_is_one_line():
         "import torch, valdi\n"
         "f = torch.inference_mode()(lambda m, x: m(x) * m.weight[0, 0])\n"
         "with torch.no_grad():\n"
-        "    valdi.compiled(f, valdi.Args(compile=True), torch.device('cpu'))(torch.nn.Linear(4, 4), torch.ones(2, 4))\n")
+        "    valdi.faster(f, 'cpu', 'fp32', True)(torch.nn.Linear(4, 4), torch.ones(2, 4))\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=HERE, timeout=300)
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("valdi.ValdiError: --compile failed here (") and last.endswith("run with --no-compile")
+    assert last.startswith("valdi.ValdiError: --compile failed (") and last.endswith("run with --no-compile")
 
 
 def test_bf16_losses_are_finite_and_close_to_fp32_on_a_real_batch(tiny_runs):
@@ -592,13 +593,14 @@ def test_bf16_losses_are_finite_and_close_to_fp32_on_a_real_batch(tiny_runs):
     for k in (0, 1):
         buffer.add(valdi.load_trajectory(tiny_runs["diffusion"] / "trajectories" / f"00000{k}.npz"))
     batch = valdi.to_device(buffer.sample(args.batch_size), torch.device("cpu"))
-    _, model = valdi.load_run(tiny_runs["diffusion"])
+    model = decoder.load_agent(tiny_runs["diffusion"]).model
     target = copy.deepcopy(model).requires_grad_(False)
     parts = {}
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32", "bf16"):  # the losses as an agent of that precision computes them
         torch.manual_seed(3)
-        with torch.no_grad(), valdi.autocast(dataclasses.replace(args, precision=precision), torch.device("cpu")):
-            parts[precision] = valdi.compute_losses(model, target, batch, args)[1]
+        with torch.no_grad():
+            agent = agent_of(model, dataclasses.replace(args, precision=precision), target)
+            parts[precision] = agent.losses(model, target, batch, args)[1]
     for name in valdi.UPDATE_STATS:
         fp32, bf16 = parts["fp32"][name], parts["bf16"][name]
         assert bf16.dtype == torch.float32 and torch.isfinite(bf16), name  # losses stay fp32
@@ -623,7 +625,8 @@ def test_compile_without_a_compiler_is_one_line(tmp_path):
                             capture_output=True, text=True, cwd=HERE, env=env, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
-    assert "--compile does not work on this machine" in line and "run with --no-compile" in line
+    assert line.startswith("valdi.py: error: --compile failed (") and line.endswith("run with --no-compile")
+    assert not list(tmp_path.iterdir())  # refused before the run directory was made
 
 
 def test_precision_choices(capsys):
@@ -715,7 +718,7 @@ def test_cem_finds_the_optimum_of_a_known_objective():
     args = valdi.Args(dynamics="mlp")  # the paper's planner: 512 samples, 64 elites, 10 iterations
     z = torch.randn(1, 64)
     with torch.inference_mode():
-        actions = valdi.plan(model, z, args, generator=torch.Generator().manual_seed(0))
+        actions = valdi.plan(agent_of(model, args), z, generator=torch.Generator().manual_seed(0))
         discounts = 0.99 ** (3 * torch.arange(6.0))
         best_return = valdi.trajectory_return(model, model.imagine(z, actions), actions, discounts)
     assert actions.shape == (1, 5, 9)
@@ -751,7 +754,7 @@ def test_cem_refits_the_elite_spread_with_the_sample_std():
     model = linear_reward_model(weights)
     args = valdi.Args(dynamics="mlp", pop_size=8, num_elites=3, cem_iters=2)
     with torch.inference_mode():
-        planned = valdi.plan(model, torch.randn(1, 64), args, generator=torch.Generator().manual_seed(5))
+        planned = valdi.plan(agent_of(model, args), torch.randn(1, 64), generator=torch.Generator().manual_seed(5))
     bessel = cem_by_hand(weights, args, torch.Generator().manual_seed(5), correction=1)
     population = cem_by_hand(weights, args, torch.Generator().manual_seed(5), correction=0)
     torch.testing.assert_close(planned, bessel, rtol=0, atol=1e-6)
@@ -818,7 +821,7 @@ def test_planner_return_and_best_seen_rule_equal_eq10_by_hand():
                     break
             else:
                 pytest.fail(f"no seed separates the paper's rule from {slip}")
-            planned = valdi.plan(model, z, args, generator=torch.Generator().manual_seed(seed))
+            planned = valdi.plan(agent_of(model, args), z, generator=torch.Generator().manual_seed(seed))
         torch.testing.assert_close(planned, paper, rtol=0, atol=1e-5, msg=f"{slip} (seed {seed})")
     # The scorer itself, on given actions, also equals the hand computation (not just its ranking).
     actions = torch.tanh(torch.randn(8, args.horizon, 9, generator=torch.Generator().manual_seed(1)))
@@ -829,14 +832,15 @@ def test_planner_return_and_best_seen_rule_equal_eq10_by_hand():
                                    eq10_by_hand(model, z, actions, args.gamma_wm), rtol=1e-5, atol=1e-5)
 
 
-def test_plan_runs_in_inference_mode_with_noise_and_bounds():
+def test_plan_takes_no_gradients_and_is_reproducible_bounded_and_noisy():
     model = valdi.WorldModel(valdi.Args()).eval()
     args = tiny_args()
-    z = torch.randn(3, 64)
-    quiet = valdi.plan(model, z, args, generator=torch.Generator().manual_seed(1))
-    same = valdi.plan(model, z, args, generator=torch.Generator().manual_seed(1))
-    noisy = valdi.plan(model, z, args, noise_std=0.25, generator=torch.Generator().manual_seed(1))
-    assert quiet.is_inference()
+    z = torch.randn(3, 64, requires_grad=True)
+    agent = agent_of(model, args)
+    quiet = valdi.plan(agent, z, generator=torch.Generator().manual_seed(1))
+    same = valdi.plan(agent, z, generator=torch.Generator().manual_seed(1))
+    noisy = valdi.plan(agent, z, noise_std=0.25, generator=torch.Generator().manual_seed(1))
+    assert not quiet.requires_grad  # no graph is kept, though z asks for gradients
     assert torch.equal(quiet, same)  # a seeded generator makes planning reproducible
     assert not torch.equal(quiet, noisy)
     assert quiet.abs().max() <= 1.0 and noisy.abs().max() <= 1.0
@@ -1004,11 +1008,8 @@ def test_interrupted_and_resumed_run_is_the_same_run(tmp_path):
 
     straight = only_run_dir(tmp_path / "straight")
     assert_same_run(straight, run_dir)
-    # The trajectories whose updates were cut short were set aside, not lost, and redone identically.
-    aside = sorted(p.name for p in (run_dir / "set_aside").iterdir())
-    assert aside == ["000002.npz", "000003.npz"]
-    for name in aside:
-        assert (run_dir / "set_aside" / name).read_bytes() == (straight / "trajectories" / name).read_bytes()
+    # The trajectory files written after a checkpoint (2 and 3, whose updates were cut short) were
+    # collected again by the resumed run and rewritten byte for byte (assert_same_run compared them).
     assert not list(run_dir.rglob("*.tmp"))
 
 
@@ -1136,7 +1137,7 @@ def test_a_run_directory_belongs_to_one_process(tmp_path, capsys):
         wait_for(lambda: (run_dir / "lock").read_text().strip() == str(proc.pid), proc, "the lock")
         err = one_line_error(["--resume", str(run_dir), "--threads", "1"], capsys)
         assert f"{run_dir} is in use by process {proc.pid}" in err
-        assert not (run_dir / "set_aside").exists() and proc.poll() is None  # nothing was touched
+        assert proc.poll() is None  # nothing was touched
     finally:
         proc.kill()
         proc.wait()
@@ -1173,7 +1174,7 @@ def test_resume_refuses_broken_runs_and_loses_nothing(tiny_runs, tmp_path, capsy
     assert "cannot read checkpoint" in err and "weights_only=False" not in err
     ckpt.write_bytes(saved)
     with pytest.raises(valdi.ValdiError, match="holds a 'diffusion' model"):
-        valdi.load_run(run_dir, dynamics="mlp")
+        decoder.load_agent(run_dir, dynamics="mlp")
     # Nothing was changed, moved or replaced by any of the refused attempts.
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
@@ -1194,6 +1195,73 @@ def test_cli_help_lists_every_flag_with_its_default(capsys):
         assert "--" + f.name.replace("_", "-") in text
     for shown in ("--cuda, --no-cuda", "(default: 512)", "(default: 0.0003)", "(default: diffusion)"):
         assert shown in text
+
+
+class LinearDynamics(valdi.Dynamics):
+    """A fork's deterministic dynamics, z_{k+1} = z_k + W [z_k, a_k]: the class and its register
+    line are all it takes (training, resume and evaluation follow)."""
+    label = "linear"
+
+    def __init__(self, latent_dim: int, action_dim: int, horizon: int):
+        super().__init__()
+        self.step = torch.nn.Linear(latent_dim + action_dim, latent_dim)
+
+    def forward(self, z0: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        z, future = z0, []
+        for k in range(actions.shape[1]):
+            z = z + self.step(torch.cat([z, actions[:, k]], dim=-1))
+            future.append(z)
+        return torch.stack(future, dim=1)
+
+
+@pytest.fixture
+def linear_dynamics():
+    valdi.register("linear")(LinearDynamics)
+    yield "linear"
+    del valdi.DYNAMICS["linear"]
+
+
+def test_a_new_deterministic_dynamics_is_one_registered_class(linear_dynamics, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        valdi.main(["--help"])
+    assert "linear (linear)" in " ".join(capsys.readouterr().out.split())  # --help lists the registry
+    assert valdi.main([*TINY, "--dynamics", "linear", "--runs-dir", str(tmp_path), "--threads", "1"]) == 0
+    run = only_run_dir(tmp_path)
+    assert valdi.main(["--resume", str(run), "--total-trajectories", "3", "--threads", "1"]) == 0
+    torch.set_num_threads(2)
+    state = valdi.load_checkpoint(run)
+    assert state["counters"] == {**state["counters"], "trajectories": 3, "updates": 4}
+    assert state["model"]["dynamics.step.weight"].shape == (64, 64 + 9)
+    assert all(r["loss_dynamics"] not in ("", "nan") for r in read_rows(run)[1:])  # trained by the default loss
+    assert ed.main(["returns", str(run), "--episodes", "1", "--frames", "15", "--diffusion-steps", "4", "--no-cuda"]) == 0
+    (result,) = json.loads((run / "eval" / "returns.json").read_text())["results"]
+    assert result["diffusion_steps"] is None and len(result["returns"]) == 1  # deterministic: no sampler steps
+
+
+def test_a_statistic_added_in_one_place_reaches_progress_csv_and_the_figure(tmp_path):
+    """A fork adds a statistic to compute_losses's parts and its name to UPDATE_STATS, nothing
+    else: progress.csv gets its column and the training-curve figure's data its values."""
+    for name in ("valdi.py", "decoder.py", "eval_diagnostics.py"):
+        shutil.copy(HERE / name, tmp_path / name)
+    source = (tmp_path / "valdi.py").read_text()
+    edits = [('UPDATE_STATS = (*LOSS_NAMES, "latent_norm")', 'UPDATE_STATS = (*LOSS_NAMES, "latent_norm", "value_gap")'),
+             ('             "latent_norm": z0.detach().float().norm(dim=-1).mean()}',
+              '             "latent_norm": z0.detach().float().norm(dim=-1).mean(), "value_gap": (v1 - v2).abs().mean()}')]
+    for old, new in edits:
+        assert source.count(old) == 1, old
+        source = source.replace(old, new)
+    (tmp_path / "valdi.py").write_text(source)
+    run = subprocess.run([sys.executable, "valdi.py", *TINY, "--runs-dir", "runs", "--threads", "1"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    run_dir = only_run_dir(tmp_path / "runs")
+    rows = read_rows(run_dir)
+    assert rows[0]["value_gap"] == "" and float(rows[1]["value_gap"]) > 0  # seeding has no updates
+    plot = subprocess.run([sys.executable, "eval_diagnostics.py", "plot", str(run_dir), "--out-dir", "figures",
+                           "--window", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert plot.returncode == 0, plot.stderr
+    (blocks,) = json.loads((tmp_path / "figures" / "plot.json").read_text())["blocks"].values()
+    assert blocks[0]["value_gap"] == pytest.approx(float(rows[1]["value_gap"]))
 
 
 def test_the_readme_reading_map_points_at_the_sections():
@@ -1335,7 +1403,8 @@ def test_drift_residuals_by_hand():
 
 def test_td_and_drift_of_the_model_on_a_fixed_trajectory(runs):
     """The model-fed diagnostics equal a term-by-term hand computation with model.reward/value."""
-    args, model = valdi.load_run(runs["diffusion"], "cpu")
+    agent = decoder.load_agent(runs["diffusion"], "cpu")
+    args, model = agent.args, agent.model
     traj = valdi.load_trajectory(runs["diffusion"] / "trajectories" / "000000.npz")
     H, c = args.horizon, args.action_chunk
     with torch.inference_mode():
@@ -1441,7 +1510,7 @@ def test_flop_counts_equal_hand_counts():
         model, z = valdi.WorldModel(args), torch.randn(1, 64)
         for steps in (1, 2):
             dyn = per_step * (steps if dynamics == "diffusion" else 1)
-            assert ed.flops_of(lambda: valdi.plan(model, z, args, 0.0, steps)) == iters * pop * (dyn + H * REWARD + VALUE)
+            assert ed.flops_of(lambda: valdi.plan(agent_of(model, args), z, 0.0, steps)) == iters * pop * (dyn + H * REWARD + VALUE)
 
 
 def test_speed_table_rates_and_ratios(tmp_path, capsys):
@@ -1622,7 +1691,11 @@ def test_the_readme_smoke_recipe_runs_every_companion_command(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     mains = {"valdi.py": valdi.main, "eval_diagnostics.py": ed.main, "decoder.py": decoder.main}
     recipe, run = readme_smoke_recipe(), None
+    (tmp_path / "smoke" / "runs" / "an-earlier-run").mkdir(parents=True)  # the recipe, run a second time
     for argv in recipe:
+        if argv[:2] == ["rm", "-rf"]:
+            shutil.rmtree(tmp_path / argv[2])
+            continue
         if argv[0].startswith("RUN="):  # RUN=$(ls -d smoke/runs/*/)
             run = only_run_dir(tmp_path / "smoke" / "runs")
             continue
@@ -1984,12 +2057,12 @@ def test_cuda_compiled_agrees_with_eager_without_cudagraph_skips(cuda_runs, dyna
     import torch._inductor.config as inductor_config
     from torch._dynamo.utils import counters
     cuda = torch.device("cuda")
-    _, model = valdi.load_run(cuda_runs[dynamics], cuda)
+    model = decoder.load_agent(cuda_runs[dynamics], cuda).model
     eager_args, compiled_args = tiny_args(dynamics=dynamics, cuda=True), tiny_args(dynamics=dynamics, cuda=True,
                                                                                    compile=True)
     counters.clear()
     z = torch.randn(2, eager_args.latent_dim, device=cuda)
-    plans = [valdi.plan(model, z, a, diffusion_steps=2, generator=torch.Generator(cuda).manual_seed(3))
+    plans = [valdi.plan(agent_of(model, a, device=cuda), z, diffusion_steps=2, generator=torch.Generator(cuda).manual_seed(3))
              for a in (eager_args, compiled_args, compiled_args)]  # the second compiled call replays
     assert torch.allclose(plans[0], plans[1], atol=1e-4) and torch.equal(plans[1], plans[2])
     buffer = valdi.ReplayBuffer(2, 30, eager_args.horizon, eager_args.action_chunk, np.random.default_rng(0))
@@ -1999,17 +2072,17 @@ def test_cuda_compiled_agrees_with_eager_without_cudagraph_skips(cuda_runs, dyna
     stats = []
     for args in (eager_args, compiled_args):
         net, target = copy.deepcopy(model), copy.deepcopy(model).requires_grad_(False)
-        optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, capturable=valdi.capturable(args, cuda))
+        agent = agent_of(net, args, target, torch.optim.Adam(net.parameters(), lr=args.lr), device=cuda)
         torch.manual_seed(11)
         with inductor_config.patch(fallback_random=True):
-            stats.append(torch.stack([valdi.update(net, target, optimizer, b, args) for b in batches]))
+            stats.append(torch.stack([valdi.update(agent, b) for b in batches]))
     assert torch.allclose(stats[1], stats[0], rtol=1e-3, atol=1e-5)
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
     # The step's graphs are split only where torch's Optimizer.step breaks the graph itself.
     net, target = copy.deepcopy(model), copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.Adam(net.parameters(), lr=eager_args.lr, capturable=True)
-    valdi.forward_losses(net, target, batches[0], eager_args)[0].backward()
-    step = torch._dynamo.explain(valdi.apply_gradients)(net, target, optimizer, eager_args)
+    valdi.compute_losses(net, target, batches[0], eager_args)[0].backward()
+    step = torch._dynamo.explain(valdi.optimizer_step)(net, target, optimizer, eager_args)
     assert all(str(b.user_stack[-1].filename).endswith("optim/optimizer.py") for b in step.break_reasons)
 
 
@@ -2053,13 +2126,14 @@ def test_cuda_bf16_losses_close_to_fp32(cuda_runs):
     for k in (0, 1):
         buffer.add(valdi.load_trajectory(cuda_runs["diffusion"] / "trajectories" / f"00000{k}.npz"))
     batch = valdi.to_device(buffer.sample(args.batch_size), cuda)
-    _, model = valdi.load_run(cuda_runs["diffusion"], cuda)
+    model = decoder.load_agent(cuda_runs["diffusion"], cuda).model
     target = copy.deepcopy(model).requires_grad_(False)
     parts = {}
     for precision in ("fp32", "bf16"):
         torch.manual_seed(3)
         with torch.no_grad():
-            parts[precision] = valdi.forward_losses(model, target, batch, dataclasses.replace(args, precision=precision))[1]
+            agent = agent_of(model, dataclasses.replace(args, precision=precision), target, device=cuda)
+            parts[precision] = agent.losses(model, target, batch, args)[1]
     for name in valdi.UPDATE_STATS:
         assert parts["bf16"][name].dtype == torch.float32 and torch.isfinite(parts["bf16"][name]), name
         assert float(parts["bf16"][name]) == pytest.approx(float(parts["fp32"][name]), rel=0.05), name
