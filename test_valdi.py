@@ -2159,3 +2159,112 @@ def test_cuda_speed_table(tmp_path, capsys):
     data = json.loads(path.read_text())
     assert data["device"] == "cuda" and {r["mode"] for r in data["rows"]} == {"eager", "compiled"}
     assert all(r["plan_hz_1"] > 0 and r["update_ms_diffusion"] > 0 for r in data["rows"])
+
+
+# =============================================================================================
+# sweep.py: seed sweeps on Slurm (faked here) or locally, preemption-safe
+# =============================================================================================
+import sweep  # noqa: E402
+
+SWEEP_RUN = ["--total-trajectories", "4", "--seed-trajectories", "1", "--max-episode-steps", "60",
+             "--pop-size", "16", "--num-elites", "4", "--cem-iters", "2", "--batch-size", "4",
+             "--updates-per-trajectory", "12", "--threads", "1", "--no-cuda"]
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """sbatch, scontrol, sacct, squeue and srun on PATH that record what they are asked: sbatch keeps the file it
+    was given and answers with job 4242, scontrol records requeues."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "slurm.log"
+    bin_dir.mkdir()
+    scripts = {"sbatch": f'cp "$1" {tmp_path}/submitted.sbatch; echo "Submitted batch job 4242"',
+               "scontrol": f'echo "scontrol $*" >> {log}', "sacct": "true", "squeue": "true", "srun": '"$@"'}
+    for name, body in scripts.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return log
+
+
+def test_sweep_on_slurm_writes_one_array_and_a_signalled_task_requeues_and_resumes_exactly(fake_slurm, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    assert sweep.main(["--launcher", "slurm", "--dynamics", "diffusion", "mlp", "--num-seeds", "2", "--workers", "2",
+                       "--time-min", "30", "--gpus-per-task", "1", "--cpus-per-task", "4", "--partition", "gpu",
+                       "--sweep-dir", str(sweep_dir), "--", *SWEEP_RUN]) == 0
+    sbatch = (tmp_path / "submitted.sbatch").read_text()
+    for line in ("#SBATCH --array=0-3%2", "#SBATCH --signal=USR2@90", "#SBATCH --time=30", "#SBATCH --gpus-per-task=1",
+                 "#SBATCH --cpus-per-task=4", "#SBATCH --partition=gpu"):
+        assert line in sbatch, line
+    # Array task 0 (diffusion, seed 1), run as Slurm runs it; USR2 to its whole process group after trajectory 2's
+    # checkpoint, as Slurm signals every process of the step.
+    (pickle,) = sweep_dir.glob("slurm/**/4242_0_submitted.pkl")
+    env = {**os.environ, "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4243", "SLURM_ARRAY_JOB_ID": "4242",
+           "SLURM_ARRAY_TASK_ID": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0",
+           "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "1"}
+    task = [sys.executable, "-u", "-m", "submitit.core._submit", str(pickle.parent)]
+    folder = sweep_dir / "diffusion__s1"
+    proc = subprocess.Popen(task, env=env, cwd=HERE, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    ckpt = lambda: sweep.run_of(folder) and valdi.load_checkpoint(sweep.run_of(folder))["counters"]["trajectories"]
+    wait_for(lambda: (ckpt() or 0) >= 2, proc, "trajectory 2's checkpoint", timeout=240)
+    os.killpg(proc.pid, signal.SIGUSR2)
+    out, _ = proc.communicate(timeout=120)
+    assert "requeued" in out and "scontrol requeue 4242_0" in fake_slurm.read_text(), out
+    assert not sweep.held(folder) and 2 <= ckpt() < 4  # the run is free, its checkpoint mid-way
+    rerun = subprocess.run(task, env=env, cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0 and ckpt() == 4, rerun.stdout + rerun.stderr
+    straight = tmp_path / "straight"
+    assert run_cli(*SWEEP_RUN, "--dynamics", "diffusion", "--seed", "1", "--runs-dir", str(straight),
+                   timeout=300).returncode == 0
+    assert_same_run(only_run_dir(straight), sweep.run_of(folder))
+
+
+def test_local_sweep_requeued_as_at_its_time_limit_finishes_each_run_once_and_reruns_as_nothing(tmp_path):
+    """Two local tasks, each sent the time limit's signal (USR2, what submitit's local controller sends
+    --signal-delay-s before --time-min; its _interrupt() is no preemption) once its run has a checkpointed
+    trajectory: both requeue, resume and finish, one run per (dynamics, seed); the same command again does nothing."""
+    argv = [sys.executable, "sweep.py", "--dynamics", "mlp", "flow", "--num-seeds", "1", "--workers", "2",
+            "--time-min", "10", "--sweep-dir", str(tmp_path / "sweep"), "--", *SWEEP_RUN]
+    proc = subprocess.Popen(argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    folders = [tmp_path / "sweep" / name for name in ("mlp__s1", "flow__s1")]
+    done = lambda f: sweep.trajectories_done(f) if sweep.run_of(f) else 0
+    wait_for(lambda: all(done(f) >= 1 for f in folders), proc, "a checkpointed trajectory in each run", timeout=240)
+    controllers = [p.name for p in (tmp_path / "sweep" / "local").iterdir() if p.name.isdigit()]
+    tasks = subprocess.run(["pgrep", "-P", ",".join(controllers)], capture_output=True, text=True).stdout.split()
+    assert len(tasks) == 2
+    for pid in tasks:
+        os.kill(int(pid), signal.SIGUSR2)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    logs = ["".join(f.read_text() for f in job.glob("*_log.*")) for job in (tmp_path / "sweep" / "local").glob("[0-9]*")]
+    assert len(logs) == 2 and all(log.count("sweep.py: requeued") == 1 and "Requeued job" in log for log in logs)
+    for folder in folders:
+        (run,) = [p.parent for p in (folder / "runs").glob("*/checkpoint.pt")]
+        assert [r["trajectory"] for r in read_rows(run)] == ["0", "1", "2", "3"]
+    again = subprocess.run(argv, cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "2 of 2 runs done; 0 to run" in again.stdout, again.stdout + again.stderr
+
+
+def test_sweep_bad_input_is_one_line_and_a_running_sweep_is_refused(tmp_path, capsys, monkeypatch):
+    def refused(argv, expected):
+        assert sweep.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("not a sweep")
+    refused(["--sweep-dir", str(other), "--", *SWEEP_RUN], "holds something other than a sweep")
+    refused(["--workers", "0", "--sweep-dir", str(tmp_path / "s")], "--workers must be at least 1")
+    refused(["--sweep-dir", str(tmp_path / "s"), "--", "--seed", "3"], "--seed is set by the sweep")
+    refused(["--sweep-dir", str(tmp_path / "s"), "--", "--num-elites", "1"], "--num-elites must be at least 2")
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))
+    refused(["--launcher", "slurm", "--sweep-dir", str(tmp_path / "s")], "sbatch is not on PATH")
+    with pytest.raises(SystemExit) as exc:  # valdi.py's own wording, before anything is submitted
+        sweep.main(["--dynamics", "gru", "--sweep-dir", str(tmp_path / "s")])
+    assert exc.value.code == 2 and "invalid choice: 'gru'" in capsys.readouterr().err
+    (tmp_path / "running").mkdir()
+    (tmp_path / "running" / "sweep.json").write_text("{}")
+    with sweep.claim(tmp_path / "running" / "mlp__s1"):  # a task of this sweep is running
+        refused(["--dynamics", "mlp", "--num-seeds", "1", "--sweep-dir", str(tmp_path / "running")],
+                "this sweep is running")
+    assert not (tmp_path / "s").exists()  # nothing was made by the refused launches

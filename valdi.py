@@ -18,6 +18,7 @@ import contextlib
 import copy
 import csv
 import dataclasses
+import fcntl  # POSIX: the run lock
 import functools
 import io
 import json
@@ -506,7 +507,6 @@ class WorldModel(nn.Module):
     def __init__(self, args: Args):
         super().__init__()
         self.kind = args.dynamics  # the --dynamics name, for labels
-        self.horizon = args.horizon
         action_dim = ENV_ACTION_DIM * args.action_chunk  # 9: one world-model step = 3 env actions
         self.encoder = Encoder(args.latent_dim)
         self.dynamics = DYNAMICS[args.dynamics](args.latent_dim, action_dim, args.horizon)
@@ -999,9 +999,8 @@ def place_adam_state(optimizer: torch.optim.Optimizer, capturable: bool) -> None
 
 
 # =============================================================================================
-# 10. Infrastructure: device, command line, files, checkpoints, the run
+# 10. Infrastructure: device, command line, files, checkpoints, the run (not the method)
 # =============================================================================================
-# Not the method: the device, command line, files and checkpoints that let a run survive any stop and resume exactly.
 def pick_device(cuda: bool = True) -> torch.device:
     """CUDA when present and allowed, else the CPU; "fp32" matmuls on a GPU as TF32, as cuDNN's convolutions."""
     if cuda and torch.cuda.is_available():
@@ -1014,7 +1013,9 @@ def has_native_bf16(device: torch.device) -> bool:
     """Emulated bf16 (older GPUs, CPUs with only AVX2) is slower than fp32: it does not count."""
     if device.type == "cpu":
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return torch.cuda.is_bf16_supported(including_emulation=False)
+    with contextlib.suppress(TypeError):  # torch < 2.3 knows no emulation and answers for the hardware
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.cuda.is_bf16_supported()
 
 
 def check_device(args: Args, device: torch.device) -> None:
@@ -1273,7 +1274,6 @@ def new_run_dir(args: Args) -> Path:
 def lock_run_dir(run_dir: Path):
     """Own RUN_DIR while this process lives (an exclusive lock on RUN_DIR/lock, which holds our pid): a second
     valdi.py on it is refused before it touches a file; the OS drops a killed process's lock, so a resume takes over."""
-    import fcntl  # POSIX
     f = open(run_dir / "lock", "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
