@@ -190,6 +190,11 @@ def load_run(opts, device: torch.device) -> valdi.Agent:
     return load_agent(opts.run_dir, device, compile=opts.compile)
 
 
+def count(n: int, noun: str) -> str:
+    """'1 episode', '2 episodes': a count with its noun in the right number."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 # --- result files, shared with eval_diagnostics.py -------------------------------------------
 def write_json(path: Path, data) -> Path:
     """Atomic JSON; NaN and infinity, which JSON lacks, become null."""
@@ -318,7 +323,7 @@ def collect(opts) -> Path:
     data["returns"] = np.asarray(returns, np.float32)  # per episode
     path = dataset_path(opts.run_dir)
     valdi.save_trajectory(path, data)  # compressed npz, temporary file + os.replace
-    print(f"{len(data['rgb'])} frames from {opts.episodes} episodes ({n_val} for validation), "
+    print(f"{count(len(data['rgb']), 'frame')} from {count(opts.episodes, 'episode')} ({n_val} for validation), "
           f"mean return {np.mean(returns):.1f} -> {path}")
     return path
 
@@ -372,7 +377,7 @@ def resume_state(out: Path, opts) -> dict:
     for key, value in state["settings"].items():
         setattr(opts, key, value)
     if state["steps"] > opts.steps:
-        raise ValdiError(f"the decoder has trained {state['steps']} steps, beyond --steps {opts.steps}")
+        raise ValdiError(f"the decoder has trained {count(state['steps'], 'step')}, beyond --steps {opts.steps}")
     return state
 
 
@@ -397,7 +402,7 @@ def train(opts) -> Path:
     stop = (f"validation loss on a plateau (< {opts.plateau:.0%} better over the last fifth)" if converged
             else f"the --steps cap, not yet on a plateau")
     print(f"validation MSE per pixel: {history['val_loss'][0]:.5f} (untrained) -> "
-          f"{history['val_loss'][-1]:.5f} after {done} steps, stopped by {stop}; "
+          f"{history['val_loss'][-1]:.5f} after {count(done, 'step')}, stopped by {stop}; "
           f"decoder -> {out / DECODER_NAME}")
 
     # The yardstick for every LPIPS number made with this decoder: how far is a reconstruction
@@ -420,7 +425,7 @@ def train(opts) -> Path:
         **lpips_record(opts.lpips_random_backbone), **device_record(device)}
     write_json(out / "train.json", summary)
     print(f"LPIPS(validation frame, its reconstruction) = {summary['lpips_recon_mean']:.4f}"
-          f" ± {fmt_sem(summary['lpips_recon_sem_over_episodes'])} (s.e. over {len(per_episode)} episodes, "
+          f" ± {fmt_sem(summary['lpips_recon_sem_over_episodes'])} (s.e. over {count(len(per_episode), 'episode')}, "
           f"{summary['lpips_trunk']})")
 
     # Look at it: validation frames (top) above the decoder's reading of their latents (bottom).

@@ -210,7 +210,7 @@ def compare_with_fp32(fp32: dict, other: dict) -> None:
         base = by_steps[r["diffusion_steps"]]
         actions = np.abs(np.array(r["first_plans"][:n]) - np.array(base.get("first_plans", [])[:n]))
         diff = summarize(np.array(r["returns"][:n]) - np.array(base["returns"][:n]))
-        print(f"{other['planner']['precision']} - fp32 on {n} tracks, {r['diffusion_steps'] or '-'} steps: return "
+        print(f"{other['planner']['precision']} - fp32 on {decoder.count(n, 'track')}, {r['diffusion_steps'] or '-'} steps: return "
               f"{fmt(diff['mean'], 1)} ± {fmt(diff['sem'], 1)}; first planned actions differ by "
               f"{fmt(float(actions.mean()) if actions.size else None, 3)} on average (max {fmt(float(actions.max()) if actions.size else None, 3)})")
 
@@ -246,7 +246,7 @@ def cmd_returns(ns: argparse.Namespace) -> int:
         for run in runs:
             results = []
             for steps in plan_steps[run.label]:
-                bar.set_description(f"returns {run.args.dynamics}" + (f" {steps} steps" if steps else ""))
+                bar.set_description(f"returns {run.args.dynamics}" + (f" {decoder.count(steps, 'step')}" if steps else ""))
                 results.append(evaluate_returns(run, device, seeds, steps, bar))
             data = {"run": run.path, "dynamics": run.args.dynamics, "frames": ns.frames,
                     "planner": planner_settings(run.args), **decoder.device_record(device),
@@ -919,7 +919,7 @@ def plot_diffusion_steps(evals: dict, labels: dict, path: Path) -> Path:
         if kind is not None and not kind.stochastic:
             r = results[0]
             ax.axhline(r["mean"], color=color, linestyle="--",
-                       label=f"{labels[run_dir]} ({kind.label}, {len(r['returns'])} episodes)")
+                       label=f"{labels[run_dir]} ({kind.label}, {decoder.count(len(r['returns']), 'episode')})")
             if r.get("sem"):
                 ax.axhspan(r["mean"] - r["sem"], r["mean"] + r["sem"], color=color, alpha=0.1)
             continue
@@ -1100,7 +1100,7 @@ def cmd_video(ns: argparse.Namespace) -> int:
     valdi.atomic_write(gif, lambda f: small[0].save(f, format="GIF", save_all=True, append_images=small[1:],
                                                    duration=int(1000 * ns.gif_every / ns.fps), loop=0))
     print(f"track {ns.track}: return {stats['return']:.1f} over {stats['length']} frames, {len(frames)} plans "
-          f"({run.args.dynamics}, {steps or '-'} steps); wrote {mp4} and {gif}")
+          f"({run.args.dynamics}, {decoder.count(steps, 'step') if steps else 'no sampler steps'}); wrote {mp4} and {gif}")
     return 0
 
 

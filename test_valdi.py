@@ -900,7 +900,7 @@ def test_code_version_names_the_commit_and_uncommitted_changes(tmp_path):
 
 def test_args_json_records_the_code_of_every_session_of_a_run(tiny_runs, tmp_path):
     flags = json.loads((tiny_runs["mlp"] / "args.json").read_text())
-    assert flags["code"] == [{**valdi.code_version(), "from_trajectory": 0}]
+    assert flags["code"] == [{**valdi.code_version(), "from_trajectory": 0, "flags_changed": {}}]
     # A run started by other code and resumed by this code keeps both on record.
     run_dir = copy_run(tiny_runs["mlp"], tmp_path)
     earlier = {"commit": "0" * 40, "uncommitted_changes": False, "from_trajectory": 0}
@@ -908,7 +908,8 @@ def test_args_json_records_the_code_of_every_session_of_a_run(tiny_runs, tmp_pat
     assert valdi.main(["--resume", str(run_dir), "--total-trajectories", "3", "--threads", "1"]) == 0
     torch.set_num_threads(2)
     assert json.loads((run_dir / "args.json").read_text())["code"] == \
-        [earlier, {**valdi.code_version(), "from_trajectory": 2}]
+        [earlier, {**valdi.code_version(), "from_trajectory": 2,
+                   "flags_changed": {"resume": str(run_dir), "total_trajectories": 3, "threads": 1}}]
 
 
 def read_rows(run_dir: Path) -> list[dict]:
@@ -1011,6 +1012,44 @@ def test_interrupted_and_resumed_run_is_the_same_run(tmp_path):
     # The trajectory files written after a checkpoint (2 and 3, whose updates were cut short) were
     # collected again by the resumed run and rewritten byte for byte (assert_same_run compared them).
     assert not list(run_dir.rglob("*.tmp"))
+
+
+def test_an_interrupt_names_what_the_checkpoint_holds_in_every_window(tmp_path):
+    """Ctrl-C during the first trajectory, and while the checkpoint after trajectory 2 is being written (its .tmp
+    exists: the counters have moved, the file has not): the message names what the checkpoint on disk holds, and
+    the resume continues from there."""
+    proc = start(*EXACT, "--pop-size", "512", "--cem-iters", "4", "--runs-dir", str(tmp_path))  # slow plans
+    wait_for(lambda: list(tmp_path.glob("*/events.out.tfevents*")), proc, "the run's log")
+    run_dir = only_run_dir(tmp_path)
+    time.sleep(1.5)  # inside the first trajectory: its 20 plans of 512 x 4 take longer
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted during trajectory 0" in err and "holds no finished trajectory yet" in err
+    proc = start("--resume", str(run_dir), "--pop-size", "16", "--cem-iters", "2")
+    tmp = run_dir / "checkpoint.pt.tmp"
+    wait_for(lambda: (run_dir / "trajectories" / "000002.npz").exists() and tmp.exists(), proc,
+             "the checkpoint after trajectory 2 being written")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    held = valdi.load_checkpoint(run_dir)["counters"]["trajectories"]
+    assert proc.returncode == 130 and held in (2, 3)  # the save was cut short, or had just finished
+    assert f"interrupted during trajectory {held}: " in err and f"holds the run up to trajectory {held - 1};" in err, err
+    result = run_cli("--resume", str(run_dir))
+    assert result.returncode == 0 and f"resumed {run_dir} after trajectory {held - 1}" in result.stderr
+
+
+@pytest.mark.parametrize("code", ["ENOSYS", "ENOLCK", "EOPNOTSUPP"])
+def test_a_file_system_without_locks_is_one_line_not_in_use(code, tmp_path, capsys, monkeypatch):
+    """On Lustre mounted without flock support, flock fails with ENOSYS (or ENOLCK, EOPNOTSUPP elsewhere): the run
+    says the file system has no locks, not that another process uses the run."""
+    import errno
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    err = one_line_error([*TINY, "--runs-dir", str(tmp_path)], capsys)
+    assert "its file system has no file locks" in err and "in use" not in err
 
 
 def test_non_finite_loss_stops_before_anything_is_saved(tiny_runs, tmp_path, capsys):

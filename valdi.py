@@ -932,7 +932,6 @@ class Run:
     buffer: ReplayBuffer
     rng: np.random.Generator
     counters: dict
-    saved: int = 0  # trajectories the checkpoint on disk counts
     wall_start: float = 0.0
     lock = env = progress = tensorboard = bar = None  # opened by start_run; progress: progress.csv, appended
 
@@ -1095,8 +1094,7 @@ def diffusion_steps_error(value) -> str:  # the one wording, in all three script
 
 def replay_bytes(args: Args) -> int:
     """The replay buffer's memory once full: uint8 frames dominate (16.6 GB at the paper's 1000 x 601)."""
-    frames, steps = args.max_episode_steps + 1, args.max_episode_steps
-    per_trajectory = frames * (96 * 96 * 3 + 4 * PROPRIO_DIM) + steps * 4 * (ENV_ACTION_DIM + 1) + 8 + 1
+    per_trajectory = (args.max_episode_steps + 1) * (96 * 96 * 3 + 4 * PROPRIO_DIM) + args.max_episode_steps * 16 + 9
     return min(args.buffer_size, args.total_trajectories) * per_trajectory
 
 
@@ -1184,14 +1182,12 @@ CSV_FIELDS = ["trajectory", "env_steps", "return", "length", "explore_std",
 
 def save_checkpoint(run: Run) -> None:
     """Everything needed to continue, RNG states included (CUDA's: a CUDA run's own device's only)."""
-    agent, cuda = run.agent, run.agent.device.type == "cuda"
+    agent = run.agent
     rng = {"numpy": run.rng.bit_generator.state, "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state(agent.device) if cuda else None}
-    atomic_torch_save({"valdi_checkpoint": 1, "args": dataclasses.asdict(run.args), "rng": rng,
-                       "model": agent.model.state_dict(), "target": agent.target.state_dict(),
-                       "optimizer": agent.optimizer.state_dict(), "counters": dict(run.counters)},
-                      run.dir / CHECKPOINT_NAME)
-    run.saved = run.counters["trajectories"]
+           "cuda": torch.cuda.get_rng_state(agent.device) if agent.device.type == "cuda" else None}
+    atomic_torch_save({"valdi_checkpoint": 1, "args": dataclasses.asdict(run.args), "counters": dict(run.counters),
+                       "rng": rng, "model": agent.model.state_dict(), "target": agent.target.state_dict(),
+                       "optimizer": agent.optimizer.state_dict()}, run.dir / CHECKPOINT_NAME)
 
 
 def start_run(args: Args) -> Run | None:
@@ -1218,7 +1214,7 @@ def start_run(args: Args) -> Run | None:
         for group in agent.optimizer.param_groups:  # a learning rate given with --resume wins
             group["lr"] = args.lr
         run.counters.update(state["counters"])
-        run.saved, buffer.added = done, max(0, done - buffer.capacity)  # trajectory k: ring slot k % capacity
+        buffer.added = max(0, done - buffer.capacity)  # trajectory k goes to ring slot k % capacity
         for path in (run_dir / "trajectories" / f"{k:06d}.npz" for k in range(buffer.added, done)):
             if not path.is_file():
                 raise ValdiError(f"{path} is missing: the replay buffer needs it to resume (restore it from a backup)")
@@ -1236,15 +1232,14 @@ def start_run(args: Args) -> Run | None:
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             code = list(json.loads((run_dir / "args.json").read_text())["code"])
         print(f"resumed {run_dir} after trajectory {done - 1} ({run.counters['updates']} updates)", file=sys.stderr)
-    code.append({**code_version(), "from_trajectory": run.counters["trajectories"]})  # the code of every session
+    changed = {k: v for k, v in dataclasses.asdict(args).items() if state and state["args"].get(k) != v}
+    code.append({**code_version(), "from_trajectory": run.counters["trajectories"], "flags_changed": changed})
     atomic_write(run_dir / "args.json", json.dumps({**dataclasses.asdict(args), "code": code}, indent=2).encode())
     if not state:
         save_checkpoint(run)  # resumable from the first moment: a kill before trajectory 0 loses nothing
-    table = io.StringIO()  # progress.csv: the rows the checkpoint counts, then one appended per trajectory
-    writer = csv.DictWriter(table, CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(run_dir / "progress.csv", table.getvalue().encode())
+    table, header = io.StringIO(), dict(zip(CSV_FIELDS, CSV_FIELDS))  # the header, written as a row
+    csv.DictWriter(table, CSV_FIELDS, extrasaction="ignore", lineterminator="\n").writerows([header, *rows])
+    atomic_write(run_dir / "progress.csv", table.getvalue().encode())  # the rows the checkpoint counts; more appended
     from torch.utils.tensorboard import SummaryWriter  # imported here: importing valdi stays light
     from tqdm import tqdm
     run.progress = open(run_dir / "progress.csv", "a", newline="")
@@ -1281,9 +1276,11 @@ def lock_run_dir(run_dir: Path):
         f.seek(0)
         raise ValdiError(f"{run_dir} is in use by process {f.read().strip() or 'unknown'} (another valdi.py); "
                          f"wait for it or stop it first") from None
+    except OSError as exc:  # ENOSYS, ENOLCK, EOPNOTSUPP: no locks on this file system (Lustre without -o flock)
+        raise ValdiError(f"{run_dir}: its file system has no file locks ({exc.strerror}); use a --runs-dir on one "
+                         f"that has them") from None
     f.truncate(0)
-    f.write(f"{os.getpid()}\n")
-    f.flush()
+    print(os.getpid(), file=f, flush=True)
     return f
 
 
@@ -1330,7 +1327,8 @@ def main(argv: list[str] | None = None) -> int:
             print("valdi.py: interrupted", file=sys.stderr)
             return 130
         run.bar.close()
-        k, ckpt = run.saved, run.dir / CHECKPOINT_NAME
+        ckpt = run.dir / CHECKPOINT_NAME  # what it holds, read from it: a stop may come in the middle of saving it
+        k = int(load_checkpoint(ckpt, required=("counters",))["counters"]["trajectories"])
         held = f"{ckpt} holds the run up to trajectory {k - 1}" if k else f"{ckpt} holds no finished trajectory yet"
         print(f"valdi.py: {exc.args[0]} after trajectory {k} ({exc.args[1]}); stopped before saving them: {held}"
               if isinstance(exc, FloatingPointError) else
