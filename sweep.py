@@ -161,8 +161,9 @@ def launch(opts: argparse.Namespace, flags: list[str], argv: list[str]) -> int:
     sweep_dir = Path(opts.sweep_dir)
     if sweep_dir.is_dir() and any(sweep_dir.iterdir()) and not (sweep_dir / SWEEP_FILE).is_file():
         raise SweepError(f"{sweep_dir} holds something other than a sweep (no {SWEEP_FILE}); give a new --sweep-dir")
-    if opts.launcher == "slurm" and shutil.which("sbatch") is None:
-        raise SweepError("--launcher slurm: sbatch is not on PATH (run this on the cluster's login node)")
+    missing = [c for c in ("sbatch", "srun") if opts.launcher == "slurm" and shutil.which(c) is None]
+    if missing:  # submitit's Slurm executor needs both
+        raise SweepError(f"--launcher slurm: {' and '.join(missing)} not on PATH (run this on the cluster's login node)")
     seeds = range(opts.start_seed, opts.start_seed + opts.num_seeds)
     folders = [sweep_dir / f"{dynamics}__s{seed}" for dynamics in opts.dynamics for seed in seeds]
     running = [f for f in folders if held(f)]

@@ -2297,7 +2297,7 @@ def test_sweep_bad_input_is_one_line_and_a_running_sweep_is_refused(tmp_path, ca
     refused(["--sweep-dir", str(tmp_path / "s"), "--", "--seed", "3"], "--seed is set by the sweep")
     refused(["--sweep-dir", str(tmp_path / "s"), "--", "--num-elites", "1"], "--num-elites must be at least 2")
     monkeypatch.setenv("PATH", str(Path(sys.executable).parent))
-    refused(["--launcher", "slurm", "--sweep-dir", str(tmp_path / "s")], "sbatch is not on PATH")
+    refused(["--launcher", "slurm", "--sweep-dir", str(tmp_path / "s")], "sbatch and srun not on PATH")
     with pytest.raises(SystemExit) as exc:  # valdi.py's own wording, before anything is submitted
         sweep.main(["--dynamics", "gru", "--sweep-dir", str(tmp_path / "s")])
     assert exc.value.code == 2 and "invalid choice: 'gru'" in capsys.readouterr().err
