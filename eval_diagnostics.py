@@ -33,7 +33,6 @@ Importing this module does no work (the tests import its pieces).
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import dataclasses
 import json
@@ -210,7 +209,8 @@ def compare_with_fp32(fp32: dict, other: dict) -> None:
         base = by_steps[r["diffusion_steps"]]
         actions = np.abs(np.array(r["first_plans"][:n]) - np.array(base.get("first_plans", [])[:n]))
         diff = summarize(np.array(r["returns"][:n]) - np.array(base["returns"][:n]))
-        print(f"{other['planner']['precision']} - fp32 on {decoder.count(n, 'track')}, {r['diffusion_steps'] or '-'} steps: return "
+        steps = r['diffusion_steps'] or '-'
+        print(f"{other['planner']['precision']} - fp32 on {decoder.count(n, 'track')}, {steps} steps: return "
               f"{fmt(diff['mean'], 1)} ± {fmt(diff['sem'], 1)}; first planned actions differ by "
               f"{fmt(float(actions.mean()) if actions.size else None, 3)} on average (max {fmt(float(actions.max()) if actions.size else None, 3)})")
 
@@ -246,7 +246,8 @@ def cmd_returns(ns: argparse.Namespace) -> int:
         for run in runs:
             results = []
             for steps in plan_steps[run.label]:
-                bar.set_description(f"returns {run.args.dynamics}" + (f" {decoder.count(steps, 'step')}" if steps else ""))
+                label = f" {decoder.count(steps, 'step')}" if steps else ""
+                bar.set_description(f"returns {run.args.dynamics}{label}")
                 results.append(evaluate_returns(run, device, seeds, steps, bar))
             data = {"run": run.path, "dynamics": run.args.dynamics, "frames": ns.frames,
                     "planner": planner_settings(run.args), **decoder.device_record(device),
