@@ -173,6 +173,8 @@ def launch(opts: argparse.Namespace, flags: list[str], argv: list[str]) -> int:
     todo = [(f, [*flags, "--dynamics", f.name.split("__s")[0], "--seed", f.name.split("__s")[1]])
             for f in folders if trajectories_done(f) < total]
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    # The tasks unpickle this file's Task and import valdi wherever they run (sbatch passes the environment on).
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
     valdi.atomic_write(sweep_dir / SWEEP_FILE, json.dumps({"command": ["python", "sweep.py", *argv], "runs": [f.name for f in folders]},
                                                           indent=2).encode())
     print(f"{len(folders) - len(todo)} of {len(folders)} runs done; {len(todo)} to run")

@@ -2262,9 +2262,9 @@ def test_local_sweep_requeued_as_at_its_time_limit_finishes_each_run_once_and_re
     """Two local tasks, each sent the time limit's signal (USR2, what submitit's local controller sends
     --signal-delay-s before --time-min; its _interrupt() is no preemption) once its run has a checkpointed
     trajectory: both requeue, resume and finish, one run per (dynamics, seed); the same command again does nothing."""
-    argv = [sys.executable, "sweep.py", "--dynamics", "mlp", "flow", "--num-seeds", "1", "--workers", "2",
-            "--time-min", "10", "--sweep-dir", str(tmp_path / "sweep"), "--", *SWEEP_RUN]
-    proc = subprocess.Popen(argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    argv = [sys.executable, str(HERE / "sweep.py"), "--dynamics", "mlp", "flow", "--num-seeds", "1", "--workers", "2",
+            "--time-min", "10", "--sweep-dir", "sweep", "--", *SWEEP_RUN]  # launched from elsewhere
+    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     folders = [tmp_path / "sweep" / name for name in ("mlp__s1", "flow__s1")]
     done = lambda f: sweep.trajectories_done(f) if sweep.run_of(f) else 0
     wait_for(lambda: all(done(f) >= 1 for f in folders), proc, "a checkpointed trajectory in each run", timeout=240)
@@ -2280,7 +2280,7 @@ def test_local_sweep_requeued_as_at_its_time_limit_finishes_each_run_once_and_re
     for folder in folders:
         (run,) = [p.parent for p in (folder / "runs").glob("*/checkpoint.pt")]
         assert [r["trajectory"] for r in read_rows(run)] == ["0", "1", "2", "3"]
-    again = subprocess.run(argv, cwd=HERE, capture_output=True, text=True, timeout=120)
+    again = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "2 of 2 runs done; 0 to run" in again.stdout, again.stdout + again.stderr
 
 
