@@ -148,12 +148,15 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     for flag in (f for f in flags if f.split("=")[0] in SET_BY_THE_SWEEP):
         raise SweepError(f"{flag} is set by the sweep for each run; leave it out of valdi.py's flags")
     for dynamics in opts.dynamics:  # valdi.py's own check, in its own words (argparse exits with its one line)
+        argv = [*flags, "--dynamics", dynamics, "--seed", str(opts.start_seed)]
         try:
-            valdi.parse_args([*flags, "--dynamics", dynamics, "--seed", str(opts.start_seed)])
+            checked = valdi.parse_args(argv)
         except valdi.ValdiError as exc:
             # The replay buffer's memory is checked where the run runs: a cluster node, not this login node.
             if not (opts.launcher == "slurm" and "lower --buffer-size" in str(exc)):
                 raise SweepError(f"valdi.py: {exc}") from None
+            checked = valdi.parse_args([*argv, "--buffer-size", "1"])
+    opts.total_trajectories = checked.total_trajectories
     return opts, flags
 
 
@@ -163,20 +166,20 @@ def launch(opts: argparse.Namespace, flags: list[str], argv: list[str]) -> int:
         raise SweepError(f"{sweep_dir} holds something other than a sweep (no {SWEEP_FILE}); give a new --sweep-dir")
     missing = [c for c in ("sbatch", "srun") if opts.launcher == "slurm" and shutil.which(c) is None]
     if missing:  # submitit's Slurm executor needs both
-        raise SweepError(f"--launcher slurm: {' and '.join(missing)} not on PATH (run this on the cluster's login node)")
+        raise SweepError(f"--launcher slurm: {' and '.join(missing)} not on PATH (run this on the cluster's "
+                         f"login node)")
     seeds = range(opts.start_seed, opts.start_seed + opts.num_seeds)
     folders = [sweep_dir / f"{dynamics}__s{seed}" for dynamics in opts.dynamics for seed in seeds]
     running = [f for f in folders if held(f)]
     if running:
         raise SweepError(f"this sweep is running ({running[0]} has a task): wait for it, or stop it first")
-    total = valdi.parse_args([*flags, "--dynamics", opts.dynamics[0]]).total_trajectories
     todo = [(f, [*flags, "--dynamics", f.name.split("__s")[0], "--seed", f.name.split("__s")[1]])
-            for f in folders if trajectories_done(f) < total]
+            for f in folders if trajectories_done(f) < opts.total_trajectories]
     sweep_dir.mkdir(parents=True, exist_ok=True)
     # The tasks unpickle this file's Task and import valdi wherever they run (sbatch passes the environment on).
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
-    valdi.atomic_write(sweep_dir / SWEEP_FILE, json.dumps({"command": ["python", "sweep.py", *argv], "runs": [f.name for f in folders]},
-                                                          indent=2).encode())
+    record = {"command": ["python", "sweep.py", *argv], "runs": [f.name for f in folders]}
+    valdi.atomic_write(sweep_dir / SWEEP_FILE, json.dumps(record, indent=2).encode())
     print(f"{len(folders) - len(todo)} of {len(folders)} runs done; {len(todo)} to run")
     if not todo:
         return 0

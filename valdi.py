@@ -433,7 +433,7 @@ class FlowDynamics(DenoisingTransformer):
         return self.time_embed(t)
 
     def loss(self, z0: torch.Tensor, z_bar: torch.Tensor, actions: torch.Tensor):
-        """One t ~ U[0, 1] per segment, MSE to the velocity; reward and value see x_t + (1 - t) u_hat (Eq. 1)."""
+        """One t ~ U[0, 1] per segment, MSE to the velocity; reward and value see x_t + (1 - t) u_hat (cf. Eq. 1)."""
         t = torch.rand(z0.shape[0], device=z0.device)
         noise = torch.randn_like(z_bar)
         t_ = t.view(-1, 1, 1)
@@ -1198,7 +1198,8 @@ def start_run(args: Args) -> Run | None:
         print(f"valdi.py: nothing to do: {args.resume} has {state['counters']['trajectories']} of "
               f"{args.total_trajectories} trajectories; raise --total-trajectories to continue", file=sys.stderr)
         return None
-    torch.set_num_threads(args.threads or torch.get_num_threads())
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = pick_device(args.cuda)
     check_device(args, device)
     run_dir, rng = Path(args.resume) if args.resume else new_run_dir(args), np.random.default_rng(args.seed)
