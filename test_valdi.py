@@ -2090,8 +2090,8 @@ def cuda_runs(tmp_path_factory):
 @pytest.mark.parametrize("dynamics", ["diffusion", "mlp", "flow"])
 @on_cuda
 def test_cuda_compiled_agrees_with_eager_without_cudagraph_skips(cuda_runs, dynamics):
-    """On CUDA --compile records CUDA graphs: the whole CEM search per plan, and the update's
-    parts. Scores, plans and three updates (fresh randomness each) agree with eager, and
+    """On CUDA --compile records CUDA graphs: the whole CEM search per plan, and the losses'
+    forward and backward (the optimizer step is compiled, not graphed). Scores, plans and three updates (fresh randomness each) agree with eager, and
     inductor counts no CUDA-graph skip (a skip would mean silent eager fallback)."""
     import torch._inductor.config as inductor_config
     from torch._dynamo.utils import counters

@@ -956,27 +956,29 @@ def train(run: Run) -> None:
 def speed_up(agent: Agent) -> Agent:
     """The agent's work, swapped for faster versions of the same arithmetic (docs/speed.md says what is captured):
     bf16 autocast for the search and the losses; torch.compile of the whole CEM search and of the losses' forward
-    pass (AOT autograd compiles its backward), and on CUDA, as CUDA graphs, of the optimizer step too."""
+    pass (AOT autograd compiles its backward), on CUDA as CUDA graphs; on CUDA of the optimizer step too."""
     kind, cuda = agent.device.type, agent.device.type == "cuda"
     agent.search = faster(agent.search, kind, agent.args.precision, agent.args.compile)
     agent.losses = faster(agent.losses, kind, agent.args.precision, agent.args.compile)
-    agent.step = faster(agent.step, kind, "fp32", agent.args.compile and cuda, fullgraph=False)
+    agent.step = faster(agent.step, kind, "fp32", agent.args.compile and cuda, whole=False)
     if agent.optimizer is not None:
         place_adam_state(agent.optimizer, capturable=agent.args.compile and cuda)
     return agent
 
 
 @functools.cache  # one version per function and setting, shared by every agent
-def faster(fn, device_type: str, precision: str, compile: bool, fullgraph: bool = True):
-    """fn under bf16 autocast and/or torch.compile; fullgraph: captured whole, or the run stops with one line, never
-    half eager. A CUDA graph's replay reuses its outputs' memory: they are cloned."""
+def faster(fn, device_type: str, precision: str, compile: bool, whole: bool = True):
+    """fn under bf16 autocast and/or torch.compile. whole: captured whole (else the run stops with one line, never half
+    eager), on CUDA as a CUDA graph, whose next replay reuses its outputs' memory: they are cloned. Not whole: the
+    optimizer step, which torch's optimizer splits and which must not be a CUDA graph: a second graphed function called
+    after the backward's graph starts a new generation of torch's CUDA-graph trees, which frees the gradients."""
     def in_bf16(*a, **kw):
         with torch.autocast(device_type, dtype=torch.bfloat16):
             return fn(*a, **kw)
-    run, cuda = fn if precision == "fp32" else in_bf16, device_type == "cuda"
+    run, graphed = fn if precision == "fp32" else in_bf16, device_type == "cuda" and whole
     if not compile:
         return run
-    graph = torch.compile(run, mode="reduce-overhead" if cuda else None, dynamic=False, fullgraph=fullgraph)
+    graph = torch.compile(run, mode="reduce-overhead" if graphed else None, dynamic=False, fullgraph=whole)
 
     def call(*a, **kw):
         try:
@@ -985,7 +987,7 @@ def faster(fn, device_type: str, precision: str, compile: bool, fullgraph: bool 
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
             reason = next((line for line in lines if line.split(":")[0].endswith(("Error", "Exception"))), lines[0])
             raise ValdiError(f"--compile failed ({reason[:160]}); run with --no-compile") from None
-        return torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, out) if cuda else out
+        return torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, out) if graphed else out
     return call
 
 
