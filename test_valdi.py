@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -1012,6 +1013,37 @@ def test_interrupted_and_resumed_run_is_the_same_run(tmp_path):
     # The trajectory files written after a checkpoint (2 and 3, whose updates were cut short) were
     # collected again by the resumed run and rewritten byte for byte (assert_same_run compared them).
     assert not list(run_dir.rglob("*.tmp"))
+
+
+PROJECTION = re.compile(r"valdi.py: projection from the first plans: a plan and its 3 env steps every ([\d.]+) s, "
+                        r"so ([\d.]+) (s|min|h|days) a trajectory \((\d+) plans\) and ([\d.]+) (s|min|h|days) for "
+                        r"the (\d+) left, before their updates")
+
+
+def test_the_first_plans_project_the_run_and_the_bar_moves_inside_a_trajectory(tmp_path):
+    """After its second plan a run prints one line projecting its length from the time between plans; where that is
+    over a day, it names the README's CPU-sized run. The bar counts fractions of a trajectory, and a Ctrl-C in the
+    first trajectory says the checkpoint holds none yet."""
+    seconds = lambda value, unit: float(value) * {"s": 1, "min": 60, "h": 3600, "days": 86400}[unit]
+    result = run_cli(*TINY, "--runs-dir", str(tmp_path / "short"))
+    lines = [line for line in result.stderr.splitlines() if "projection" in line]
+    assert result.returncode == 0 and len(lines) == 1 and "over a day" not in lines[0], result.stderr
+    each, trajectory, unit, plans, _, _, left = PROJECTION.search(lines[0]).groups()
+    assert (int(plans), int(left)) == (10, 2)  # 30 env steps in chunks of 3; both trajectories to come
+    assert seconds(trajectory, unit) == pytest.approx(10 * float(each), rel=0.05, abs=0.06)
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:  # a run of 10^8 trajectories of 200 plans: far over a day
+        proc = subprocess.Popen([sys.executable, str(HERE / "valdi.py"), *TINY, "--total-trajectories", "100000000",
+                                 "--max-episode-steps", "600", "--buffer-size", "2", "--runs-dir", str(tmp_path / "long")],
+                                stdout=subprocess.DEVNULL, stderr=err, cwd=HERE)
+        wait_for(lambda: re.search(r"\| 0\.[1-9]/100000000", log.read_text()), proc, "the bar inside trajectory 0")
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    text = log.read_text()
+    match = PROJECTION.search(text)
+    assert match and int(match.group(4)) == 200 and int(match.group(7)) == 100000000
+    assert seconds(*match.group(5, 6)) > 86400 and "over a day: see the README's 'A CPU-sized run'" in text
+    assert proc.returncode == 130 and "interrupted during trajectory 0" in text and "holds no finished trajectory yet" in text
 
 
 def test_an_interrupt_names_what_the_checkpoint_holds_in_every_window(tmp_path):

@@ -944,7 +944,8 @@ def train(run: Run) -> None:
         k = run.counters["trajectories"]
         noise_std = exploration_std(k, args)
         # Lines 4-9: one episode with the MPC policy on a fresh track, stored whole.
-        traj, stats = collect_trajectory(run.env, run.agent, noise_std, track_seed=int(run.rng.integers(2**31 - 1)))
+        traj, stats = collect_trajectory(run.env, run.agent, noise_std, track_seed=int(run.rng.integers(2**31 - 1)),
+                                         on_plan=watch_plans(run))  # the progress bar (section 10)
         save_trajectory(run.dir / "trajectories" / f"{k:06d}.npz", traj)
         run.buffer.add(traj)
         # Lines 10-22: updates, none while seeding (Table 3: 10 seed trajectories).
@@ -1253,7 +1254,8 @@ def start_run(args: Args) -> Run | None:
     print(f"device {device} | dynamics {args.dynamics} | trainable parameters {sizes.pop('total'):,} "
           + " ".join(f"({k} {v:,})" for k, v in sizes.items()) + f"\nrun directory {run_dir}")
     run.bar = tqdm(total=args.total_trajectories, initial=run.counters["trajectories"], unit="traj", desc="trajectory",
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, mininterval=1, bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<"
+                   "{remaining}, {rate_fmt}{postfix}]")  # plans move it by fractions of a trajectory
     run.wall_start = time.time() - run.counters["wall_seconds"]
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, interrupt)
@@ -1303,8 +1305,29 @@ def finish_trajectory(run: Run, stats: dict, noise_std: float, learned: dict) ->
     for key, value in ((key, value) for key, value in row.items() if key != "trajectory" and value != ""):
         run.tensorboard.add_scalar(f"losses/{key[5:]}" if key.startswith("loss_") else f"charts/{key}", value, k)
     run.bar.set_postfix(ret=f"{stats['return']:.1f}", hz=f"{stats['planner_hz']:.1f}")
-    run.bar.update(1)
+    run.bar.update(counters["trajectories"] - run.bar.n)  # to the whole trajectory, however many plans it had
     save_checkpoint(run)
+
+
+def watch_plans(run: Run) -> Callable:
+    """collect_trajectory's on_plan in training: each plan moves the bar by its share of a trajectory, and the second
+    plan this process makes prints one line: the run's length projected from the time between its first two plans."""
+    args, times = run.args, []
+    plans = args.max_episode_steps // args.action_chunk  # per trajectory, unless the car leaves the playfield
+    duration = lambda s: next((f"{s / n:.1f} {unit}" for unit, n in (("days", 86400), ("h", 3600), ("min", 60))
+                               if s >= 1.5 * n), f"{s:.1f} s")
+
+    def on_plan(z, planned):
+        times.append(time.perf_counter())
+        run.bar.update(run.counters["trajectories"] + len(times) / (plans + 1) - run.bar.n)  # short of the next
+        if len(times) == 2 and run.bar.n < run.bar.initial + 1:
+            each, left = times[1] - times[0], args.total_trajectories - run.counters["trajectories"]
+            run.bar.write(f"valdi.py: projection from the first plans: a plan and its {args.action_chunk} env steps "
+                          f"every {each:.2f} s, so {duration(each * plans)} a trajectory ({plans} plans) and "
+                          f"{duration(each * plans * left)} for the {left} left, before their updates"
+                          + ("; over a day: see the README's 'A CPU-sized run'" if each * plans * left > 86400 else ""),
+                          file=sys.stderr)
+    return on_plan
 
 
 def interrupt(signum, frame):
