@@ -15,10 +15,11 @@ The decoder never feeds back into the agent: it is trained on the *frozen* encod
 an on-policy dataset that the same trained model collected (Supp. G, "Decoder"), so it learns
 exactly the latent distribution its own model visits.
 
-Four subcommands, each taking a RUN_DIR made by valdi.py and writing into RUN_DIR/decoder/:
+Five subcommands, each taking a RUN_DIR made by valdi.py and writing into RUN_DIR/decoder/:
 
     python decoder.py collect   RUN_DIR   # dataset.npz: on-policy frames, split by episode
     python decoder.py train     RUN_DIR   # decoder.pt, train.json, reconstructions.png, validation_curve.png
+    python decoder.py slim      RUN_DIR   # decoder.pt without its training state: the weights, to share
     python decoder.py diversity RUN_DIR   # diversity.json, diversity.png + a table (Fig. 3 right)
     python decoder.py futures   RUN_DIR   # futures.png + futures.json (Fig. 5)
 
@@ -372,13 +373,35 @@ def resume_state(out: Path, opts) -> dict:
     if not path.is_file():
         raise ValdiError(f"nothing to resume: no decoder at {path}; train without --resume first")
     state = valdi.safe_torch_load(path, "decoder", "cpu")
-    if not isinstance(state, dict) or state.get("valdi_decoder") != 1 or "optimizer" not in state:
-        raise ValdiError(f"{path} holds no training state to resume; train afresh without --resume")
+    if not isinstance(state, dict) or state.get("valdi_decoder") != 1:
+        raise ValdiError(f"{path} is not a decoder checkpoint")
+    if "optimizer" not in state:
+        raise ValdiError(f"{path} holds the decoder's weights only (decoder.py slim), not its training state: "
+                         f"nothing to resume; to train afresh, move it aside and train without --resume")
     for key, value in state["settings"].items():
         setattr(opts, key, value)
     if state["steps"] > opts.steps:
         raise ValdiError(f"the decoder has trained {count(state['steps'], 'step')}, beyond --steps {opts.steps}")
     return state
+
+
+TRAINING_STATE = ("optimizer", "generator", "running", "seen")  # what only train --resume reads
+
+
+def slim(opts) -> Path:
+    """RUN_DIR/decoder/decoder.pt without its training state (Adam's moments, the batch generator): the weights and
+    their record, a third of the size, as a repository ships them; every reader of the decoder loads it as before."""
+    path = decoder_dir(opts.run_dir) / DECODER_NAME
+    if not path.is_file():
+        raise ValdiError(f"no decoder at {path}; run `python decoder.py train {opts.run_dir}` first")
+    state = valdi.safe_torch_load(path, "decoder", "cpu")
+    if not isinstance(state, dict) or state.get("valdi_decoder") != 1:
+        raise ValdiError(f"{path} is not a decoder checkpoint")
+    before = path.stat().st_size
+    valdi.atomic_torch_save({k: v for k, v in state.items() if k not in TRAINING_STATE}, path)
+    print(f"{path}: {before / 1e6:.1f} MB -> {path.stat().st_size / 1e6:.1f} MB, the weights without their training "
+          f"state (train --resume can no longer go on from it)")
+    return path
 
 
 def train(opts) -> Path:
@@ -951,6 +974,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="go on from RUN_DIR/decoder/decoder.pt exactly (its batch size, learning rate, seed, "
                           "validation settings); Ctrl-C saves the step it stopped at")
 
+    command("slim", "drop the decoder's training state from RUN_DIR/decoder/decoder.pt, keeping its weights")
+
     sub = command("diversity", "mean pairwise LPIPS of decoded imagined futures per DDIM step count")
     sub.add_argument("--num-starts", type=int, default=50, help="start states from the validation set")
     sub.add_argument("--num-futures", type=int, default=100, help="imagined futures per start state")
@@ -971,7 +996,7 @@ def check_options(opts) -> None:
     if opts.threads < 0:
         raise ValdiError("--threads must be at least 0")
     positive = {"collect": ("episodes",), "train": ("steps", "batch_size", "eval_every", "val_max_frames", "num_images"),
-                "diversity": ("decode_batch",), "futures": ("decode_batch",)}[opts.command]
+                "diversity": ("decode_batch",), "futures": ("decode_batch",), "slim": ()}[opts.command]
     for name in positive:
         if getattr(opts, name) < 1:
             raise ValdiError(f"--{name.replace('_', '-')} must be at least 1")
@@ -996,7 +1021,7 @@ def main(argv: list[str] | None = None) -> int:
         check_options(opts)
         if opts.threads:
             torch.set_num_threads(opts.threads)
-        {"collect": collect, "train": train, "diversity": diversity, "futures": futures}[opts.command](opts)
+        {"collect": collect, "train": train, "slim": slim, "diversity": diversity, "futures": futures}[opts.command](opts)
     except ValdiError as exc:
         print(f"decoder.py: error: {exc}", file=sys.stderr)
         return 2

@@ -14,6 +14,8 @@ a trained agent comes from one subcommand here:
                    diffusion steps)
     video ........ one evaluation episode, the real frame beside what the model imagined for
                    it (decoded by decoder.py's decoder), as MP4 and GIF
+    dream ........ drive inside the model's imagination with the arrow keys, beside the real
+                   car driven the same way (or record the two, driven by the planner, as GIF)
 
 Each subcommand takes run directories made by `python valdi.py` (or their checkpoint.pt),
 prints a table, and writes its numbers to RUN_DIR/eval/<subcommand>.json (plot and speed: see
@@ -1053,9 +1055,35 @@ def video_frame(real: np.ndarray, now: np.ndarray, ahead: np.ndarray, rewards: l
     return np.asarray(canvas)
 
 
-def cmd_video(ns: argparse.Namespace) -> int:
+def writable(out: Path, flag: str) -> None:
+    """Refuse an output place that cannot be written, in one line, before any work."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.with_name(out.name + ".probe")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise valdi.ValdiError(f"cannot write {out}.mp4 and .gif: {exc.strerror or exc} "
+                               f"(give {flag} elsewhere)") from None
+
+
+def save_movie(out: Path, frames: list[np.ndarray], fps: int, gif_every: int = 1, gif_scale: float = 1.0):
+    """OUT.mp4 of every frame and OUT.gif of every gif_every-th (scaled), each written whole or not at all."""
     import imageio.v2 as imageio
     from PIL import Image
+    mp4, gif, tmp = (out.with_name(out.name + suffix) for suffix in (".mp4", ".gif", ".tmp.mp4"))
+    with imageio.get_writer(tmp, fps=fps, macro_block_size=16, ffmpeg_log_level="error") as writer:
+        for frame in frames:
+            writer.append_data(frame)
+    tmp.replace(mp4)
+    size = lambda f: (round(f.shape[1] * gif_scale), round(f.shape[0] * gif_scale))
+    small = [Image.fromarray(f).resize(size(f)) for f in frames[::gif_every]]
+    valdi.atomic_write(gif, lambda f: small[0].save(f, format="GIF", save_all=True, append_images=small[1:],
+                                                   duration=int(1000 * gif_every / fps), loop=0))
+    return mp4, gif
+
+
+def cmd_video(ns: argparse.Namespace) -> int:
     seeds = fixed_track_seeds(100)
     if not 0 <= ns.track < len(seeds):
         raise valdi.ValdiError(f"--track must be between 0 and {len(seeds) - 1} (the fixed tracks of Sec. 4), "
@@ -1064,13 +1092,7 @@ def cmd_video(ns: argparse.Namespace) -> int:
     (run,) = load_runs([ns.run], device, planner_overrides(ns))
     net, _ = decoder.load_decoder(run.run_dir, device, run.args.latent_dim)
     out = Path(ns.out) if ns.out else run.eval_dir / f"video_track{ns.track}"
-    try:  # before the episode, not after it: an unwritable place costs nothing
-        out.parent.mkdir(parents=True, exist_ok=True)
-        probe = out.with_name(out.name + ".probe")
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise valdi.ValdiError(f"cannot write the video to {out}.mp4: {exc.strerror or exc} (give --out elsewhere)") from None
+    writable(out, "--out")  # before the episode, not after it: an unwritable place costs nothing
     run.args = dataclasses.replace(run.args, max_episode_steps=ns.frames)
     steps = run_steps(run, ns.diffusion_steps)
     env = valdi.make_env(run.args)
@@ -1091,22 +1113,203 @@ def cmd_video(ns: argparse.Namespace) -> int:
     pictures = (pictures.reshape(len(plans), H + 1, *pictures.shape[1:]) * 255).round().astype(np.uint8)
     frames = [video_frame(traj["rgb"][chunk * i], pictures[i - 1, 1] if i else pictures[0, 0], pictures[i, 1:],
                           rewards[i].tolist(), i) for i in range(len(plans))]
-    mp4, gif = out.with_suffix(".mp4"), out.with_suffix(".gif")
-    tmp = out.with_name(out.name + ".tmp.mp4")
-    with imageio.get_writer(tmp, fps=ns.fps, macro_block_size=16, ffmpeg_log_level="error") as writer:
-        for frame in frames:
-            writer.append_data(frame)
-    tmp.replace(mp4)
-    small = [Image.fromarray(f).resize((f.shape[1] // 2, f.shape[0] // 2)) for f in frames[::ns.gif_every]]
-    valdi.atomic_write(gif, lambda f: small[0].save(f, format="GIF", save_all=True, append_images=small[1:],
-                                                   duration=int(1000 * ns.gif_every / ns.fps), loop=0))
+    mp4, gif = save_movie(out, frames, ns.fps, ns.gif_every, gif_scale=0.5)
     print(f"track {ns.track}: return {stats['return']:.1f} over {stats['length']} frames, {len(frames)} plans "
           f"({run.args.dynamics}, {decoder.count(steps, 'step') if steps else 'no sampler steps'}); wrote {mp4} and {gif}")
     return 0
 
 
 # =============================================================================================
-# 8. Command line
+# 8. dream: drive inside the model's imagination, beside reality
+# =============================================================================================
+# Each tick one action drives two cars for one action chunk (3 env frames): the real one in CarRacing, and the
+# imagined one, whose latent the run's own dynamics advances. Valdi and flow imagine the H-chunk future with that
+# action in every chunk and keep its first step; the MLP's first step is one step of its dynamics. The dream saw a
+# real frame only at the start or when last re-grounded; the counter says how many ticks it has run on its own.
+DREAM_PANE = 384  # pixels: each pane shows the 96 x 96 frame 4x, large enough to drive by
+DREAM_KEYS = "arrows: steer, gas, brake | G: re-ground the dream on reality | R: restart the track | Esc: quit"
+
+
+class Dream:
+    """The two cars, their latest rewards and the ticks since the dream was grounded."""
+
+    def __init__(self, run: Run, net: decoder.ViTDecoder, track_seed: int, steps: int | None,
+                 generator: torch.Generator):
+        self.run, self.net, self.track_seed, self.steps, self.generator = run, net, track_seed, steps, generator
+        self.env = valdi.make_env(dataclasses.replace(run.args, max_episode_steps=100_000))  # until the user stops
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the start of the track; the dream starts from its first frame, encoded."""
+        self.obs, _ = self.env.reset(seed=self.track_seed)
+        self.real_reward = self.dream_reward = 0.0
+        self.last_actions = self.held(np.zeros(valdi.ENV_ACTION_DIM, np.float32))
+        self.ground()
+
+    @torch.inference_mode()
+    def ground(self) -> None:
+        """The dream's latent becomes the encoded real frame of now."""
+        self.z_real = self.z_dream = valdi.encode_observation(self.run.model, self.obs, self.run.agent.device)
+        self.ticks = 0
+
+    @torch.inference_mode()
+    def planned(self) -> torch.Tensor:
+        """The run's planner on the real latent: (1, H, chunk * 3)."""
+        return valdi.plan(self.run.agent, self.z_real, 0.0, self.steps, self.generator)
+
+    @torch.inference_mode()
+    def tick(self, actions: torch.Tensor) -> None:
+        """actions (1, H, chunk * 3): the first chunk drives the real car; all H condition the dream's step."""
+        args, model = self.run.args, self.run.model
+        self.last_actions, rewards = actions, []
+        for action in actions[0, 0].view(-1, valdi.ENV_ACTION_DIM).cpu().numpy():
+            self.obs, reward, terminated, truncated, _ = self.env.step(action)
+            rewards.append(reward)
+            if terminated or truncated:  # off the playfield, or the lap done: the track starts again
+                return self.reset()
+        self.real_reward = float(valdi.chunk_returns(torch.tensor(rewards).view(1, -1), args.gamma))
+        imagined = model.imagine(self.z_dream, actions, self.steps or 1, self.generator)  # (1, H + 1, D)
+        self.dream_reward = float(model.reward(imagined[:, 0], actions[:, 0]))
+        self.z_dream = imagined[:, 1]
+        self.z_real = valdi.encode_observation(model, self.obs, self.run.agent.device)
+        self.ticks += 1
+
+    def picture(self) -> np.ndarray:
+        """Reality and the decoded dream side by side, with their rewards and the counter (H x W x 3 uint8)."""
+        from PIL import Image, ImageDraw
+        dream = decoder.to_hwc(decoder.decode(self.net, self.z_dream))[0]
+        panes = [self.obs["rgb"], (dream * 255).round().astype(np.uint8)]
+        canvas = Image.new("RGB", (2 * DREAM_PANE + 32, DREAM_PANE + 128), (255, 255, 255))  # multiples of 16
+        for k, frame in enumerate(panes):
+            canvas.paste(Image.fromarray(frame).resize((DREAM_PANE, DREAM_PANE), Image.NEAREST),
+                         (8 + k * (DREAM_PANE + 16), 40))
+        draw, font = ImageDraw.Draw(canvas), dream_font(22)
+        draw.text((12, 8), f"reality: reward {self.real_reward:+.2f}", fill=(0, 0, 0), font=font)
+        draw.text((DREAM_PANE + 28, 8), f"dream: predicted {self.dream_reward:+.2f}", fill=(0, 0, 0), font=font)
+        steer, gas, brake = self.last_actions[0, 0, :valdi.ENV_ACTION_DIM].tolist()
+        draw.text((12, DREAM_PANE + 48), f"{self.run.args.dynamics}: {decoder.count(self.ticks, 'tick')} since the "
+                  "dream last saw a real frame", fill=(0, 0, 0), font=font)
+        draw.text((12, DREAM_PANE + 76), f"both cars: steer {steer:+.1f}, gas {gas:.1f}, brake {brake:.1f}",
+                  fill=(0, 0, 0), font=font)
+        draw.text((12, DREAM_PANE + 104), DREAM_KEYS, fill=(90, 90, 90), font=dream_font(15))
+        return np.asarray(canvas)
+
+    def held(self, action: np.ndarray) -> torch.Tensor:
+        """One env action held for a whole chunk, in every one of the H chunks: (1, H, chunk * 3)."""
+        args = self.run.args
+        return torch.as_tensor(np.tile(action, args.horizon * args.action_chunk), dtype=torch.float32,
+                               device=self.run.agent.device).view(1, args.horizon, -1)
+
+
+def dream_font(size: int):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)  # Pillow 10.1+: a scalable font
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def keys_action(pressed: set) -> np.ndarray:
+    """CarRacing's own human play: left/right steer -1/+1, up is full gas, down brakes 0.8."""
+    import pygame
+    steer = float(pygame.K_RIGHT in pressed) - float(pygame.K_LEFT in pressed)
+    return np.array([steer, float(pygame.K_UP in pressed), 0.8 * (pygame.K_DOWN in pressed)], np.float32)
+
+
+def play(dream: Dream, screen, policy: str, max_ticks: int | None = None) -> int:
+    """The window's loop at the env's pace (50 frames/s, so 50 / chunk ticks/s): read the keys, tick, draw."""
+    import pygame
+    clock, pressed, ticks = pygame.time.Clock(), set(), 0
+    arrows = (pygame.K_LEFT, pygame.K_RIGHT, pygame.K_UP, pygame.K_DOWN)  # other keys are ignored
+    fps = dream.env.metadata.get("render_fps", 50) / dream.run.args.action_chunk
+    while max_ticks is None or ticks < max_ticks:
+        for event in pygame.event.get():
+            if event.type == pygame.QUIT or (event.type == pygame.KEYDOWN and event.key == pygame.K_ESCAPE):
+                return ticks
+            if event.type == pygame.KEYDOWN and event.key in arrows:
+                pressed.add(event.key)
+            elif event.type == pygame.KEYUP:
+                pressed.discard(event.key)
+            elif event.type == pygame.KEYDOWN and event.key == pygame.K_g:
+                dream.ground()
+            elif event.type == pygame.KEYDOWN and event.key == pygame.K_r:
+                dream.reset()
+        dream.tick(dream.planned() if policy == "planner" else dream.held(keys_action(pressed)))
+        ticks += 1
+        frame = dream.picture()
+        screen.blit(pygame.surfarray.make_surface(frame.swapaxes(0, 1)), (0, 0))
+        pygame.display.flip()
+        clock.tick(fps)
+    return ticks
+
+
+def open_window(size: tuple[int, int]):
+    import pygame
+    try:
+        pygame.display.init()
+        screen = pygame.display.set_mode(size)
+    except pygame.error as exc:
+        raise valdi.ValdiError(f"cannot open a window ({exc}); without a display, record instead: "
+                               f"--record PATH.gif --ticks N") from None
+    pygame.display.set_caption("Valdi: reality (left) and the dream (right)")
+    return screen
+
+
+def read_actions(path: Path) -> np.ndarray:
+    """A file of env actions, one row (steer, gas, brake) per tick: .npy, or text (spaces or commas)."""
+    try:
+        actions = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, delimiter="," if path.suffix == ".csv"
+                                                                          else None)
+    except (OSError, ValueError) as exc:
+        raise valdi.ValdiError(f"cannot read actions from {path}: {exc}") from None
+    actions = np.asarray(actions, np.float32).reshape(-1, valdi.ENV_ACTION_DIM) if np.size(actions) % 3 == 0 else None
+    if actions is None or not len(actions) or not np.isfinite(actions).all():
+        raise valdi.ValdiError(f"{path} holds no actions of 3 finite numbers (steer, gas, brake) per row")
+    return np.clip(actions, -1, 1)
+
+
+def cmd_dream(ns: argparse.Namespace) -> int:
+    seeds = fixed_track_seeds(100)
+    if not 0 <= ns.track < len(seeds):
+        raise valdi.ValdiError(f"--track must be between 0 and {len(seeds) - 1} (the fixed tracks of Sec. 4), "
+                               f"got {ns.track}")
+    ns.ticks = ns.ticks or (200 if ns.record else None)
+    if ns.record and ns.policy == "keys" and ns.actions is None:
+        raise valdi.ValdiError("--record drives without a window: give --policy planner or --actions FILE")
+    actions = read_actions(Path(ns.actions)) if ns.actions else None
+    out = Path(ns.record) if ns.record else None
+    out = out.with_name(out.stem) if out is not None and out.suffix.lower() in (".gif", ".mp4") else out
+    if out is not None:
+        writable(out, "--record")
+    device = valdi.pick_device(ns.cuda)
+    (run,) = load_runs([ns.run], device, planner_overrides(ns))
+    net, _ = decoder.load_decoder(run.run_dir, device, run.args.latent_dim)
+    dream = Dream(run, net, seeds[ns.track], run_steps(run, ns.diffusion_steps), new_generator(device, ns.seed))
+    try:
+        if out is None:
+            import pygame
+            screen = open_window(dream.picture().shape[1::-1])
+            try:
+                ticks = play(dream, screen, ns.policy, ns.ticks)
+            finally:
+                pygame.quit()
+            print(f"drove {decoder.count(ticks, 'tick')} on track {ns.track}")
+            return 0
+        frames = []
+        for k in range(ns.ticks):
+            action = dream.held(actions[k % len(actions)]) if actions is not None else dream.planned()
+            dream.tick(action)
+            frames.append(dream.picture())
+    finally:
+        dream.env.close()
+    mp4, gif = save_movie(out, frames, fps=round(dream.env.metadata.get("render_fps", 50) / run.args.action_chunk))
+    print(f"track {ns.track}: {decoder.count(ns.ticks, 'tick')} of {run.args.dynamics}'s dream beside reality, driven "
+          f"by {'the planner' if actions is None else ns.actions}; wrote {gif} and {mp4}")
+    return 0
+
+
+# =============================================================================================
+# 9. Command line
 # =============================================================================================
 def positive_int(text: str) -> int:
     try:
@@ -1219,6 +1422,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the imagination's noise")
     p.add_argument("--out", default=None, metavar="PATH", help="PATH.mp4 and PATH.gif (default: RUN/eval/video_trackK)")
     p.set_defaults(func=cmd_video)
+
+    p = command("dream", "drive inside the model's imagination beside reality: keys in a window, or --record a GIF",
+                [planner, device])
+    p.add_argument("run", metavar="RUN", help="a run directory with a trained decoder (decoder.py train)")
+    p.add_argument("--track", type=int, default=0, help="which of the 100 fixed tracks (0..99)")
+    p.add_argument("--diffusion-steps", type=diffusion_steps_type, default=None,
+                   help="DDIM (flow: Euler) steps of each dream step (default: the run's own)")
+    p.add_argument("--policy", choices=["keys", "planner"], default="keys",
+                   help="who drives: the arrow keys, or the run's planner (on the real car's latent)")
+    p.add_argument("--actions", default=None, metavar="FILE",
+                   help="drive by a file of actions instead, one row (steer, gas, brake) per tick (.npy or text)")
+    p.add_argument("--record", default=None, metavar="PATH",
+                   help="no window: write PATH.gif and PATH.mp4 of --ticks ticks")
+    p.add_argument("--ticks", type=positive_int, default=None,
+                   help="ticks to drive (default: until Esc; with --record: 200, one 600-frame episode)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the dream's noise and the planner")
+    p.set_defaults(func=cmd_dream)
     return parser
 
 

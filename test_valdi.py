@@ -1802,11 +1802,93 @@ def test_video_bad_input_is_one_line(tiny_runs, diffusion_trained, tmp_path, cap
     run, _ = diffusion_trained
     cases = [(["video", str(run), "--track", "100"], "--track must be between 0 and 99"),
              (["video", str(tiny_runs["mlp"])], "no decoder at"),
-             (["video", str(run), "--out", "/proc/no/such/place/clip"], "cannot write the video to")]
+             (["video", str(run), "--out", "/proc/no/such/place/clip"], "cannot write /proc/no/such/place/clip.mp4")]
     for argv, expected in cases:
         assert ed.main([*argv, "--no-cuda"]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and expected in err, err
+
+
+# --- dream: driving inside the model's imagination (SDL's dummy video driver: no screen needed) ---
+@pytest.fixture
+def no_screen(monkeypatch):
+    monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
+    monkeypatch.setenv("SDL_AUDIODRIVER", "dummy")
+
+
+def a_dream(run: Path) -> "ed.Dream":
+    (loaded,) = ed.load_runs([str(run)], torch.device("cpu"))
+    net, _ = decoder.load_decoder(run, torch.device("cpu"), loaded.args.latent_dim)
+    return ed.Dream(loaded, net, ed.fixed_track_seeds(1)[0], ed.run_steps(loaded, None),
+                    ed.new_generator(torch.device("cpu"), 0))
+
+
+def test_dream_keys_posted_as_events_drive_both_cars(diffusion_trained, no_screen):
+    import pygame
+    dream = a_dream(diffusion_trained[0])
+    screen = ed.open_window(dream.picture().shape[1::-1])
+    try:
+        for key in (pygame.K_UP, pygame.K_LEFT, pygame.K_a):  # A is not one of the game's keys: ignored
+            pygame.event.post(pygame.event.Event(pygame.KEYDOWN, key=key))
+        assert ed.play(dream, screen, "keys", max_ticks=1) == 1
+        assert torch.equal(dream.last_actions, dream.held(np.array([-1, 1, 0], np.float32)))  # what the dream got
+        car = dream.env.unwrapped.car  # what the real car got (CarRacing turns steer -1, left, into +1 on the wheel)
+        assert car.wheels[0].steer == 1 and car.wheels[2].gas > 0 and car.wheels[0].brake == 0
+        for event, key in ((pygame.KEYUP, pygame.K_LEFT), (pygame.KEYUP, pygame.K_UP), (pygame.KEYDOWN, pygame.K_DOWN)):
+            pygame.event.post(pygame.event.Event(event, key=key))
+        assert ed.play(dream, screen, "keys", max_ticks=1) == 1
+        assert torch.equal(dream.last_actions, dream.held(np.array([0, 0, 0.8], np.float32)))
+        assert car.wheels[0].steer == 0 and car.wheels[0].brake == pytest.approx(0.8)
+        assert dream.ticks == 2
+        pygame.event.post(pygame.event.Event(pygame.KEYDOWN, key=pygame.K_g))  # re-ground, then one tick
+        pygame.event.post(pygame.event.Event(pygame.KEYDOWN, key=pygame.K_ESCAPE))
+        assert ed.play(dream, screen, "keys", max_ticks=5) == 0 and dream.ticks == 0  # Esc before the tick
+    finally:
+        pygame.quit()
+
+
+def test_dream_regrounding_resets_the_counter_and_takes_the_real_latent(diffusion_trained):
+    dream = a_dream(diffusion_trained[0])
+    for _ in range(3):
+        dream.tick(dream.held(np.array([0.3, 0.5, 0], np.float32)))
+    real = valdi.encode_observation(dream.run.model, dream.obs, torch.device("cpu"))
+    assert dream.ticks == 3 and torch.equal(dream.z_real, real) and not torch.equal(dream.z_dream, real)
+    dream.ground()
+    assert dream.ticks == 0 and torch.equal(dream.z_dream, real)
+
+
+def test_dream_records_a_scripted_session_and_the_planner_drives_the_mlp(diffusion_trained, mlp_trained, tmp_path,
+                                                                        capsys):
+    from PIL import Image
+    script = tmp_path / "actions.txt"
+    script.write_text("0 1 0\n-0.5 0.5 0\n0.5 0 0.8\n")  # cycled over the ticks
+    out = tmp_path / "scripted.gif"
+    assert ed.main(["dream", str(diffusion_trained[0]), "--record", str(out), "--ticks", "20", "--actions",
+                    str(script), "--no-cuda"]) == 0
+    gif = Image.open(out)
+    assert gif.n_frames == 20 and gif.size == (2 * ed.DREAM_PANE + 32, ed.DREAM_PANE + 128)
+    assert (tmp_path / "scripted.mp4").is_file() and "20 ticks" in capsys.readouterr().out
+    assert ed.main(["dream", str(mlp_trained), "--record", str(tmp_path / "mlp"), "--ticks", "3", "--policy",
+                    "planner", "--no-cuda"]) == 0
+    assert Image.open(tmp_path / "mlp.gif").n_frames == 3 and "driven by the planner" in capsys.readouterr().out
+
+
+def test_dream_bad_input_is_one_line(tiny_runs, diffusion_trained, tmp_path, capsys, monkeypatch):
+    run = str(diffusion_trained[0])
+    (tmp_path / "bad.txt").write_text("1 2\n")
+    monkeypatch.setenv("SDL_VIDEODRIVER", "no-such-display")
+    cases = [(["dream", str(tiny_runs["mlp"])], "no decoder at"),
+             (["dream", run, "--track", "100"], "--track must be between 0 and 99"),
+             (["dream", run, "--record", "/proc/no/such/place/d.gif", "--policy", "planner"], "cannot write"),
+             (["dream", run, "--record", str(tmp_path / "d.gif")], "give --policy planner or --actions FILE"),
+             (["dream", run, "--record", str(tmp_path / "d.gif"), "--actions", str(tmp_path / "bad.txt")],
+              "holds no actions of 3 finite numbers"),
+             (["dream", run], "cannot open a window")]
+    for argv, expected in cases:
+        assert ed.main([*argv, "--no-cuda"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, err
+    assert "--record PATH.gif" in err and not list(tmp_path.glob("d.*"))
 
 
 def test_capture_video_records_training_episodes_without_changing_them(tiny_runs, tmp_path):
@@ -1974,6 +2056,23 @@ def test_decoder_training_stopped_by_ctrl_c_resumes_exactly(diffusion_collected,
     assert decoder.main(["train", str(parts), "--no-cuda"]) == 2  # nor start afresh over a trained decoder
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "go on training it with --resume" in err[0]
+
+
+def test_a_slim_decoder_keeps_its_weights_for_every_reader_and_refuses_resume_in_one_line(diffusion_trained,
+                                                                                            tmp_path, capsys):
+    run = copy_run(diffusion_trained[0], tmp_path / "run")
+    path = run / "decoder" / "decoder.pt"
+    full, size = torch.load(path, weights_only=True), path.stat().st_size
+    assert decoder.main(["slim", str(run), "--no-cuda"]) == 0
+    slim = torch.load(path, weights_only=True)
+    assert path.stat().st_size < size / 2 and "optimizer" not in slim and slim["steps"] == full["steps"]
+    net, _ = decoder.load_decoder(run, torch.device("cpu"), 64)  # what video, dream, diversity, futures read
+    assert all(torch.equal(value, full["decoder"][key]) for key, value in net.state_dict().items())
+    assert ed.main(["video", str(run), "--frames", "6", "--out", str(tmp_path / "clip"), "--no-cuda"]) == 0
+    capsys.readouterr()
+    assert decoder.main(["train", str(run), "--resume", "--no-cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "weights only (decoder.py slim)" in err[0] and "move it aside" in err[0]
 
 
 @pytest.mark.parametrize("val_loss, expected", [
