@@ -589,8 +589,10 @@ def make_lpips(random_backbone: bool, device: torch.device):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision's deprecation notes about `pretrained=`
-        try:
-            model = lpips.LPIPS(net="alex", pnet_rand=random_backbone, verbose=False)
+        try:  # a random trunk from a fixed seed: every LPIPS of a run (the decoder's yardstick included) is one scale
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = lpips.LPIPS(net="alex", pnet_rand=random_backbone, verbose=False)
         except Exception as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ValdiError(f"cannot load the pretrained AlexNet that LPIPS needs (torchvision downloads "

@@ -1268,14 +1268,47 @@ def read_actions(path: Path) -> np.ndarray:
     return np.clip(actions, -1, 1)
 
 
+def dream_drift(ns: argparse.Namespace, run: Run, net: decoder.ViTDecoder, actions: np.ndarray | None) -> dict:
+    """How long the dream stays near reality: on each of the first K fixed tracks, from a grounded start and driven
+    by the planner (or the actions), the ticks until LPIPS(decoded dream, real frame) first passes the decoder's own
+    reconstruction LPIPS (train.json, same trunk): beyond that the difference is more than the decoder's blur."""
+    device, seeds = run.agent.device, fixed_track_seeds(100)
+    yardstick = read_json(decoder.decoder_dir(run.run_dir) / "train.json")
+    lp = decoder.make_lpips(yardstick["lpips_backbone"] == "random", device)
+    ticks, drifted = [], []
+    for k in progress(iterable=range(ns.drift_tracks), desc="tracks", unit="track"):
+        dream = Dream(run, net, seeds[k], run_steps(run, ns.diffusion_steps), new_generator(device, seeds[k]))
+        distance = 0.0
+        try:
+            for t in range(1, ns.ticks + 1):
+                dream.tick(dream.held(actions[(t - 1) % len(actions)]) if actions is not None else dream.planned())
+                if dream.ticks == 0:  # the episode ended (the car left the playfield): the dream has nothing to match
+                    break
+                with torch.inference_mode():
+                    real = decoder.frames_to_float(torch.from_numpy(dream.obs["rgb"]).unsqueeze(0).to(device))
+                    distance = float(lp(real, decoder.decode(net, dream.z_dream), normalize=True))
+                if distance > yardstick["lpips_recon_mean"]:
+                    break
+        finally:
+            dream.env.close()
+        ticks.append(t)
+        drifted.append(distance > yardstick["lpips_recon_mean"] and dream.ticks > 0)
+    return {"tracks": ns.drift_tracks, "max_ticks": ns.ticks, "driven_by": "planner" if actions is None else ns.actions,
+            "dynamics": run.args.dynamics, "diffusion_steps": run_steps(run, ns.diffusion_steps),
+            "yardstick_lpips_recon_mean": yardstick["lpips_recon_mean"], "ticks_to_drift": ticks, "drifted": drifted,
+            **summarize(ticks), **{k: v for k, v in yardstick.items() if k.startswith("lpips_") and "recon" not in k},
+            **decoder.device_record(device)}
+
+
 def cmd_dream(ns: argparse.Namespace) -> int:
     seeds = fixed_track_seeds(100)
     if not 0 <= ns.track < len(seeds):
         raise valdi.ValdiError(f"--track must be between 0 and {len(seeds) - 1} (the fixed tracks of Sec. 4), "
                                f"got {ns.track}")
-    ns.ticks = ns.ticks or (200 if ns.record else None)
-    if ns.record and ns.policy == "keys" and ns.actions is None:
-        raise valdi.ValdiError("--record drives without a window: give --policy planner or --actions FILE")
+    ns.ticks = ns.ticks or (200 if ns.record or ns.drift_tracks else None)
+    if (ns.record or ns.drift_tracks) and ns.policy == "keys" and ns.actions is None:
+        raise valdi.ValdiError(f"{'--record' if ns.record else '--drift-tracks'} drives without a window: "
+                               "give --policy planner or --actions FILE")
     actions = read_actions(Path(ns.actions)) if ns.actions else None
     out = Path(ns.record) if ns.record else None
     out = out.with_name(out.stem) if out is not None and out.suffix.lower() in (".gif", ".mp4") else out
@@ -1284,6 +1317,15 @@ def cmd_dream(ns: argparse.Namespace) -> int:
     device = valdi.pick_device(ns.cuda)
     (run,) = load_runs([ns.run], device, planner_overrides(ns))
     net, _ = decoder.load_decoder(run.run_dir, device, run.args.latent_dim)
+    if ns.drift_tracks:
+        result = dream_drift(ns, run, net, actions)
+        path = decoder.write_json(run.eval_dir / "dream_drift.json", result)
+        held = sum(not d for d in result["drifted"])
+        print(f"{run.args.dynamics}: ticks until the dream's LPIPS to reality passes the decoder's own "
+              f"({result['yardstick_lpips_recon_mean']:.4f}): {fmt(result['mean'], 1)} ± {fmt(result['sem'], 1)} "
+              f"(mean ± s.e. over {decoder.count(result['tracks'], 'track')}; {held} never passed it within "
+              f"{result['max_ticks']} ticks or before the episode ended, counted at their last tick); wrote {path}")
+        return 0
     dream = Dream(run, net, seeds[ns.track], run_steps(run, ns.diffusion_steps), new_generator(device, ns.seed))
     try:
         if out is None:
@@ -1437,6 +1479,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no window: write PATH.gif and PATH.mp4 of --ticks ticks")
     p.add_argument("--ticks", type=positive_int, default=None,
                    help="ticks to drive (default: until Esc; with --record: 200, one 600-frame episode)")
+    p.add_argument("--drift-tracks", type=non_negative_int, default=0, metavar="K",
+                   help="no window: on each of the first K tracks, the ticks until the decoded dream's LPIPS to the "
+                        "real frame passes the decoder's own reconstruction LPIPS (RUN/eval/dream_drift.json)")
     p.add_argument("--seed", type=int, default=0, help="seed of the dream's noise and the planner")
     p.set_defaults(func=cmd_dream)
     return parser

@@ -1816,11 +1816,11 @@ def no_screen(monkeypatch):
     monkeypatch.setenv("SDL_AUDIODRIVER", "dummy")
 
 
-def a_dream(run: Path) -> "ed.Dream":
+def a_dream(run: Path, seed: int = 0) -> "ed.Dream":
     (loaded,) = ed.load_runs([str(run)], torch.device("cpu"))
     net, _ = decoder.load_decoder(run, torch.device("cpu"), loaded.args.latent_dim)
     return ed.Dream(loaded, net, ed.fixed_track_seeds(1)[0], ed.run_steps(loaded, None),
-                    ed.new_generator(torch.device("cpu"), 0))
+                    ed.new_generator(torch.device("cpu"), seed))
 
 
 def test_dream_keys_posted_as_events_drive_both_cars(diffusion_trained, no_screen):
@@ -1871,6 +1871,26 @@ def test_dream_records_a_scripted_session_and_the_planner_drives_the_mlp(diffusi
     assert ed.main(["dream", str(mlp_trained), "--record", str(tmp_path / "mlp"), "--ticks", "3", "--policy",
                     "planner", "--no-cuda"]) == 0
     assert Image.open(tmp_path / "mlp.gif").n_frames == 3 and "driven by the planner" in capsys.readouterr().out
+
+
+def test_dream_drift_counts_the_ticks_until_the_dream_is_further_from_reality_than_the_decoders_blur(
+        diffusion_trained, tmp_path, capsys):
+    run = copy_run(diffusion_trained[0], tmp_path / "run")
+    assert ed.main(["dream", str(run), "--drift-tracks", "2", "--ticks", "6", "--policy", "planner", "--no-cuda"]) == 0
+    result = json.loads((run / "eval" / "dream_drift.json").read_text())
+    yardstick = json.loads((run / "decoder" / "train.json").read_text())["lpips_recon_mean"]
+    assert result["yardstick_lpips_recon_mean"] == yardstick and result["lpips_backbone"] == "random"
+    assert len(result["ticks_to_drift"]) == 2 and result["mean"] == pytest.approx(np.mean(result["ticks_to_drift"]))
+    # Track 0 by hand: the same dream, ticked until its decoded frame is further from the real one than the yardstick.
+    dream, passed = a_dream(run, seed=ed.fixed_track_seeds(1)[0]), False  # the track's own generator, as there
+    lp = decoder.make_lpips(True, torch.device("cpu"))
+    for t in range(1, 7):
+        dream.tick(dream.planned())
+        real = decoder.frames_to_float(torch.from_numpy(dream.obs["rgb"]).unsqueeze(0))
+        if passed := float(lp(real, decoder.decode(dream.net, dream.z_dream), normalize=True)) > yardstick:
+            break
+    assert (result["ticks_to_drift"][0], result["drifted"][0]) == (t, passed)
+    assert "ticks until the dream's LPIPS to reality passes the decoder's own" in capsys.readouterr().out
 
 
 def test_dream_bad_input_is_one_line(tiny_runs, diffusion_trained, tmp_path, capsys, monkeypatch):
