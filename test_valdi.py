@@ -117,8 +117,8 @@ def test_the_checkpoints_in_docs_load_and_plan(run):
     path = HERE / "docs" / "learning-check" / run
     agent = decoder.load_agent(path)
     args = agent.args
-    system = "valdi" if "valdi" in run.parts else "mlp"
-    assert args.dynamics == {"valdi": "diffusion", "mlp": "mlp"}[system]
+    system = next(s for s in ("valdi", "mlp", "flow") if s in run.parts)
+    assert args.dynamics == {"valdi": "diffusion", "mlp": "mlp", "flow": "flow"}[system]
     planned = valdi.plan(agent, torch.zeros(1, args.latent_dim), generator=torch.Generator().manual_seed(0))
     assert planned.shape == (1, args.horizon, 9) and torch.isfinite(planned).all()
 
