@@ -910,48 +910,51 @@ def plot_training_losses(runs: dict, window: int, path: Path) -> Path:
 
 
 def plot_diffusion_steps(evals: dict, labels: dict, path: Path) -> Path:
-    """Fig. 3 (left): evaluation return against inference diffusion steps, ± one standard error.
-    Valdi runs are lines over the step counts; the MLP has no steps and is a horizontal line.
-    decoder.py's LPIPS diversity (when present) goes on a second axis, as in the paper."""
+    """Fig. 3 (left): evaluation return against inference steps (DDIM for diffusion, Euler for flow), each point ± one
+    standard error over its episodes. A color per system, a marker (or dash) per seed; the MLP has no steps and is a
+    horizontal line. decoder.py's LPIPS diversity (when present) goes on a second axis, as in the paper."""
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax2, all_steps = None, set()
-    for color, (run_dir, data) in zip(COLORS, evals.items()):
-        results = data["results"]
-        kind = valdi.DYNAMICS.get(data["dynamics"])
-        if kind is not None and not kind.stochastic:
-            r = results[0]
-            ax.axhline(r["mean"], color=color, linestyle="--",
-                       label=f"{labels[run_dir]} ({kind.label}, {decoder.count(len(r['returns']), 'episode')})")
-            if r.get("sem"):
-                ax.axhspan(r["mean"] - r["sem"], r["mean"] + r["sem"], color=color, alpha=0.1)
-            continue
-        steps = np.array([r["diffusion_steps"] for r in results])
-        mean = np.array([r["mean"] for r in results])
-        sem = np.array([r.get("sem") or 0.0 for r in results])
-        all_steps.update(steps.tolist())
-        episodes = sorted({len(r["returns"]) for r in results})
-        ax.plot(steps, mean, "o-", color=color, label=f"{labels[run_dir]} ({kind.label if kind else data['dynamics']}, "
-                f"{'/'.join(map(str, episodes))} episodes per point)")
-        ax.fill_between(steps, mean - sem, mean + sem, color=color, alpha=0.15)
-        diversity = decoder.decoder_dir(run_dir) / "diversity.json"
-        if diversity.is_file():
-            lp = read_json(diversity)
-            if not {"diffusion_steps", "lpips_mean"} <= set(lp):
-                raise valdi.ValdiError(f"{diversity} lacks diffusion_steps / lpips_mean (written by decoder.py?)")
-            ax2 = ax2 or ax.twinx()
-            # ± s.e. over start states (older files hold only the spread, lpips_std).
-            spread = [v or 0.0 for v in lp["lpips_sem"]] if "lpips_sem" in lp else lp.get("lpips_std")
-            ax2.errorbar(lp["diffusion_steps"], lp["lpips_mean"], yerr=spread, color=color,
-                         linestyle=":", marker="s", capsize=3,
-                         label=f"{labels[run_dir]} LPIPS ({lp.get('num_starts', '?')} starts x "
-                               f"{lp.get('num_futures', '?')} futures, {'± s.e.' if 'lpips_sem' in lp else '± std'}"
-                               f"{'' if lp.get('comparable_with_paper', True) else ', random trunk'})")
-            all_steps.update(lp["diffusion_steps"])
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    ax2, all_steps, groups = None, set(), {}
+    for run_dir, data in evals.items():
+        groups.setdefault(data["dynamics"], []).append((run_dir, data))
+    for color, (dynamics, group) in zip(COLORS, groups.items()):
+        kind = valdi.DYNAMICS.get(dynamics)
+        for j, (run_dir, data) in enumerate(group):  # the seeds of one system
+            results = data["results"]
+            if kind is not None and not kind.stochastic:
+                r = results[0]
+                ax.axhline(r["mean"], color=color, linestyle=["--", "-.", ":"][j % 3],
+                           label=f"{labels[run_dir]} ({kind.label}, {decoder.count(len(r['returns']), 'episode')})")
+                if r.get("sem"):
+                    ax.axhspan(r["mean"] - r["sem"], r["mean"] + r["sem"], color=color, alpha=0.08)
+                continue
+            steps = np.array([r["diffusion_steps"] for r in results])
+            mean = np.array([r["mean"] for r in results])
+            sem = np.array([r.get("sem") or 0.0 for r in results])
+            all_steps.update(steps.tolist())
+            episodes = sorted({len(r["returns"]) for r in results})
+            ax.errorbar(steps, mean, yerr=sem, color=color, marker="os^Dv"[j % 5], capsize=3, linewidth=1.5,
+                        label=f"{labels[run_dir]} ({kind.label if kind else data['dynamics']}, "
+                              f"{'/'.join(map(str, episodes))} episodes per point)")
+            diversity = decoder.decoder_dir(run_dir) / "diversity.json"
+            if diversity.is_file():
+                lp = read_json(diversity)
+                if not {"diffusion_steps", "lpips_mean"} <= set(lp):
+                    raise valdi.ValdiError(f"{diversity} lacks diffusion_steps / lpips_mean (written by decoder.py?)")
+                ax2 = ax2 or ax.twinx()
+                # ± s.e. over start states (older files hold only the spread, lpips_std).
+                spread = [v or 0.0 for v in lp["lpips_sem"]] if "lpips_sem" in lp else lp.get("lpips_std")
+                ax2.errorbar(lp["diffusion_steps"], lp["lpips_mean"], yerr=spread, color=color,
+                             linestyle=":", marker="s", capsize=3,
+                             label=f"{labels[run_dir]} LPIPS ({lp.get('num_starts', '?')} starts x "
+                                   f"{lp.get('num_futures', '?')} futures, {'± s.e.' if 'lpips_sem' in lp else '± std'}"
+                                   f"{'' if lp.get('comparable_with_paper', True) else ', random trunk'})")
+                all_steps.update(lp["diffusion_steps"])
     if all_steps:
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(all_steps), [str(s) for s in sorted(all_steps)])
-    ax.set_xlabel("inference diffusion steps")
+    ax.set_xlabel("inference steps (DDIM for diffusion, Euler for flow)")
     ax.set_ylabel("mean evaluation return (± s.e. over episodes)")
     ax.set_title("Evaluation return vs diffusion steps (Fig. 3 left)")
     ax.grid(alpha=0.3)
