@@ -1030,7 +1030,17 @@ def cmd_plot(ns: argparse.Namespace) -> int:
 # the real frame, beside it what the previous plan imagined for this moment (its h = 1 latent;
 # at i = 0 the decoded real latent), and below the H frames the current plan imagines ahead with
 # their predicted rewards. Where the model's imagination drifts from reality, the two differ.
-PANEL, STRIP = 192, 96  # pixels: the two large panels (2x the frame), the imagined strip
+PANEL, STRIP, LABEL = 192, 96, 26  # pixels: the two large panels (2x the frame), the imagined strip, a label's band
+GIF_SCALE = 0.75  # the GIF's size: its 20-pixel labels are 15 pixels tall, two GIFs side by side fit a README
+
+
+def label_font(size: int):
+    """A scalable font of `size` pixels for the labels of videos and the dream (Pillow's own, nothing to install)."""
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)  # Pillow 10.1+
+    except TypeError:
+        return ImageFont.load_default()
 
 
 def video_frame(real: np.ndarray, now: np.ndarray, ahead: np.ndarray, rewards: list[float], i: int):
@@ -1039,22 +1049,21 @@ def video_frame(real: np.ndarray, now: np.ndarray, ahead: np.ndarray, rewards: l
     H = len(ahead)
     width = max(2 * PANEL, H * STRIP)
     width += -width % 16
-    height = 16 + PANEL + 16 + STRIP + 16
+    height = LABEL + PANEL + LABEL + STRIP + LABEL
     height += -height % 16
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     big = lambda frame: Image.fromarray(frame).resize((PANEL, PANEL), Image.NEAREST)
-    left = (width - 2 * PANEL) // 2
-    canvas.paste(big(real), (left, 16))
-    canvas.paste(big(now), (left + PANEL, 16))
-    strip_left = (width - H * STRIP) // 2
+    left, strip_left, below = (width - 2 * PANEL) // 2, (width - H * STRIP) // 2, LABEL + PANEL + LABEL
+    canvas.paste(big(real), (left, LABEL))
+    canvas.paste(big(now), (left + PANEL, LABEL))
     for h, frame in enumerate(ahead):
-        canvas.paste(Image.fromarray(frame), (strip_left + h * STRIP, 16 + PANEL + 16))
-    draw = ImageDraw.Draw(canvas)
-    draw.text((left + 4, 2), f"real, plan {i}", fill=(0, 0, 0))
-    draw.text((left + PANEL + 4, 2), "imagined for now" if i else "decoded real latent", fill=(0, 0, 0))
-    draw.text((strip_left + 4, 16 + PANEL + 2), f"imagined ahead, h = 1..{H}", fill=(0, 0, 0))
+        canvas.paste(Image.fromarray(frame), (strip_left + h * STRIP, below))
+    draw, font = ImageDraw.Draw(canvas), label_font(20)
+    draw.text((left + 4, 2), f"real, plan {i}", fill=(0, 0, 0), font=font)
+    draw.text((left + PANEL + 4, 2), "imagined for now" if i else "decoded real latent", fill=(0, 0, 0), font=font)
+    draw.text((strip_left + 4, LABEL + PANEL + 2), f"imagined ahead, h = 1..{H}", fill=(0, 0, 0), font=font)
     for h, r in enumerate(rewards):
-        draw.text((strip_left + h * STRIP + 4, 16 + PANEL + 16 + STRIP + 2), f"r {r:+.2f}", fill=(0, 0, 0))
+        draw.text((strip_left + h * STRIP + 4, below + STRIP + 2), f"r {r:+.2f}", fill=(0, 0, 0), font=font)
     return np.asarray(canvas)
 
 
@@ -1116,7 +1125,7 @@ def cmd_video(ns: argparse.Namespace) -> int:
     pictures = (pictures.reshape(len(plans), H + 1, *pictures.shape[1:]) * 255).round().astype(np.uint8)
     frames = [video_frame(traj["rgb"][chunk * i], pictures[i - 1, 1] if i else pictures[0, 0], pictures[i, 1:],
                           rewards[i].tolist(), i) for i in range(len(plans))]
-    mp4, gif = save_movie(out, frames, ns.fps, ns.gif_every, gif_scale=0.5)
+    mp4, gif = save_movie(out, frames, ns.fps, ns.gif_every, gif_scale=GIF_SCALE)
     print(f"track {ns.track}: return {stats['return']:.1f} over {stats['length']} frames, {len(frames)} plans "
           f"({run.args.dynamics}, {decoder.count(steps, 'step') if steps else 'no sampler steps'}); wrote {mp4} and {gif}")
     return 0
@@ -1186,7 +1195,7 @@ class Dream:
         for k, frame in enumerate(panes):
             canvas.paste(Image.fromarray(frame).resize((DREAM_PANE, DREAM_PANE), Image.NEAREST),
                          (8 + k * (DREAM_PANE + 16), 40))
-        draw, font = ImageDraw.Draw(canvas), dream_font(22)
+        draw, font = ImageDraw.Draw(canvas), label_font(22)
         draw.text((12, 8), f"reality: reward {self.real_reward:+.2f}", fill=(0, 0, 0), font=font)
         draw.text((DREAM_PANE + 28, 8), f"dream: predicted {self.dream_reward:+.2f}", fill=(0, 0, 0), font=font)
         steer, gas, brake = self.last_actions[0, 0, :valdi.ENV_ACTION_DIM].tolist()
@@ -1194,7 +1203,7 @@ class Dream:
                   "dream last saw a real frame", fill=(0, 0, 0), font=font)
         draw.text((12, DREAM_PANE + 76), f"both cars: steer {steer:+.1f}, gas {gas:.1f}, brake {brake:.1f}",
                   fill=(0, 0, 0), font=font)
-        draw.text((12, DREAM_PANE + 104), DREAM_KEYS, fill=(90, 90, 90), font=dream_font(15))
+        draw.text((12, DREAM_PANE + 104), DREAM_KEYS, fill=(90, 90, 90), font=label_font(15))
         return np.asarray(canvas)
 
     def held(self, action: np.ndarray) -> torch.Tensor:
@@ -1202,14 +1211,6 @@ class Dream:
         args = self.run.args
         return torch.as_tensor(np.tile(action, args.horizon * args.action_chunk), dtype=torch.float32,
                                device=self.run.agent.device).view(1, args.horizon, -1)
-
-
-def dream_font(size: int):
-    from PIL import ImageFont
-    try:
-        return ImageFont.load_default(size=size)  # Pillow 10.1+: a scalable font
-    except TypeError:
-        return ImageFont.load_default()
 
 
 def keys_action(pressed: set) -> np.ndarray:
@@ -1463,7 +1464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diffusion-steps", type=diffusion_steps_type, default=None,
                    help="DDIM steps for planning and imagination (default: the run's own)")
     p.add_argument("--fps", type=positive_int, default=10, help="video frames (plans) per second")
-    p.add_argument("--gif-every", type=positive_int, default=2, help="every Nth plan goes into the half-size GIF")
+    p.add_argument("--gif-every", type=positive_int, default=2, help="every Nth plan goes into the GIF (at 3/4 size)")
     p.add_argument("--seed", type=int, default=0, help="seed of the imagination's noise")
     p.add_argument("--out", default=None, metavar="PATH", help="PATH.mp4 and PATH.gif (default: RUN/eval/video_trackK)")
     p.set_defaults(func=cmd_video)

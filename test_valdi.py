@@ -1789,12 +1789,12 @@ def test_video_shows_every_plan_beside_its_imagination(diffusion_trained, tmp_pa
     assert ed.main(["video", str(run), "--track", "2", "--frames", "15", "--out", str(out), "--no-cuda"]) == 0
     reader = imageio.get_reader(out.with_suffix(".mp4"))
     assert reader.count_frames() == 15 // 3  # one frame per plan
-    assert reader.get_meta_data()["size"] == (480, 336)  # two 192-pixel panels over a strip of 5 x 96
+    assert reader.get_meta_data()["size"] == (480, 368)  # two 192-pixel panels over a strip of 5 x 96, labelled
     frame = reader.get_data(1)
-    assert frame.shape == (336, 480, 3) and frame[16:208, 48:240].std() > 5  # the real frame is drawn
+    assert frame.shape == (368, 480, 3) and frame[26:218, 48:240].std() > 5  # the real frame is drawn
     from PIL import Image
     gif = Image.open(out.with_suffix(".gif"))
-    assert gif.size == (240, 168) and gif.n_frames == 3  # half size, every 2nd plan
+    assert gif.size == (360, 276) and gif.n_frames == 3  # 3/4 size, every 2nd plan
     assert "track 2:" in capsys.readouterr().out
 
 
