@@ -912,9 +912,10 @@ def plot_training_losses(runs: dict, window: int, path: Path) -> Path:
 def plot_diffusion_steps(evals: dict, labels: dict, path: Path) -> Path:
     """Fig. 3 (left): evaluation return against inference steps (DDIM for diffusion, Euler for flow), each point ± one
     standard error over its episodes. A color per system, a marker (or dash) per seed; the MLP has no steps and is a
-    horizontal line. decoder.py's LPIPS diversity (when present) goes on a second axis, as in the paper."""
+    horizontal line. decoder.py's LPIPS diversity (when present) goes on a second axis, as in the paper, dotted, with
+    its seed's marker drawn hollow."""
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(7.5, 6.2))
     ax2, all_steps, groups = None, set(), {}
     for run_dir, data in evals.items():
         groups.setdefault(data["dynamics"], []).append((run_dir, data))
@@ -934,7 +935,8 @@ def plot_diffusion_steps(evals: dict, labels: dict, path: Path) -> Path:
             sem = np.array([r.get("sem") or 0.0 for r in results])
             all_steps.update(steps.tolist())
             episodes = sorted({len(r["returns"]) for r in results})
-            ax.errorbar(steps, mean, yerr=sem, color=color, marker="os^Dv"[j % 5], capsize=3, linewidth=1.5,
+            marker = "os^Dv"[j % 5]
+            ax.errorbar(steps, mean, yerr=sem, color=color, marker=marker, capsize=3, linewidth=1.5,
                         label=f"{labels[run_dir]} ({kind.label if kind else data['dynamics']}, "
                               f"{'/'.join(map(str, episodes))} episodes per point)")
             diversity = decoder.decoder_dir(run_dir) / "diversity.json"
@@ -946,7 +948,7 @@ def plot_diffusion_steps(evals: dict, labels: dict, path: Path) -> Path:
                 # ± s.e. over start states (older files hold only the spread, lpips_std).
                 spread = [v or 0.0 for v in lp["lpips_sem"]] if "lpips_sem" in lp else lp.get("lpips_std")
                 ax2.errorbar(lp["diffusion_steps"], lp["lpips_mean"], yerr=spread, color=color,
-                             linestyle=":", marker="s", capsize=3,
+                             linestyle=":", marker=marker, markerfacecolor="white", capsize=3,
                              label=f"{labels[run_dir]} LPIPS ({lp.get('num_starts', '?')} starts x "
                                    f"{lp.get('num_futures', '?')} futures, {'± s.e.' if 'lpips_sem' in lp else '± std'}"
                                    f"{'' if lp.get('comparable_with_paper', True) else ', random trunk'})")
@@ -956,14 +958,15 @@ def plot_diffusion_steps(evals: dict, labels: dict, path: Path) -> Path:
         ax.set_xticks(sorted(all_steps), [str(s) for s in sorted(all_steps)])
     ax.set_xlabel("inference steps (DDIM for diffusion, Euler for flow)")
     ax.set_ylabel("mean evaluation return (± s.e. over episodes)")
-    ax.set_title("Evaluation return vs diffusion steps (Fig. 3 left)")
+    ax.set_title("Evaluation return vs inference steps (Fig. 3 left)")
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     if ax2 is not None:
         ax2.set_ylabel("mean pairwise LPIPS (dotted)")
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
-    ax.legend(handles, labels, fontsize=8, loc="best")
+    # Below the axes, so that no entry hides a point, however many runs there are.
+    ax.legend(handles, labels, fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     fig.tight_layout()
     return save_figure(fig, path)
 

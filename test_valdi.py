@@ -1705,7 +1705,7 @@ def test_flow_runs_through_every_command(tiny_runs, tmp_path, capsys):
                     "--batch-size", "4", "--modes", "eager", "--precisions", "fp32", "--act-frames", "3",
                     "--repeats", "1", "--replay-trajectories", "0", "--dynamics", "flow",
                     "--planner-dynamics", "flow", "--no-cuda"]) == 0
-    assert "update ms (flow)" in capsys.readouterr().out
+    assert "update ms (Flow)" in capsys.readouterr().out
 
 
 def test_evaluating_a_shipped_checkpoint_differently_keeps_the_shipped_results(tmp_path, capsys):

@@ -424,7 +424,7 @@ class FlowDynamics(DenoisingTransformer):
     the paper's tables): x_t = (1 - t) noise + t z on the straight line from noise (t = 0) to data
     (t = 1); the network predicts the line's velocity u = z - noise; sampling integrates it with
     Euler steps from t = 0 to 1."""
-    label = "flow"
+    label = "Flow"
 
     def make_time_embedding(self) -> None:
         self.time_embed = FourierTime()
