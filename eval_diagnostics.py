@@ -785,7 +785,7 @@ def run_flags(run_dir: Path) -> dict:
 
 # The training-curve figure and the block means draw every statistic an update reports
 # (valdi.UPDATE_STATS, the total aside), titled here where a title is known, else by name.
-CURVE_TITLES = {"dynamics": "dynamics loss (Eq. 7 / latent MSE)", "reward": "reward loss", "value": "value (TD) loss",
+CURVE_TITLES = {"dynamics": "dynamics loss (each kind its own)", "reward": "reward loss", "value": "value (TD) loss",
                 "sigreg": "SIGReg", "latent_norm": "mean |z_t|"}
 TRAINING_CURVES = [(valdi.stat_column(name), CURVE_TITLES.get(name, name)) for name in valdi.UPDATE_STATS
                    if name != "total"]
