@@ -233,6 +233,19 @@ def merge_results(old: dict | None, new: dict) -> dict:
     return {**new, "results": results}
 
 
+def read_returns(run_dir: Path) -> dict:
+    """RUN/eval/returns.json, with the step counts it lacks taken from results of the same protocol
+    measured on a CPU of another name (returns__<cpu>.json: same tracks, frames, planner, device kind
+    and fp32 arithmetic), so a sweep split across machines is drawn whole."""
+    data = read_json(run_dir / "eval" / "returns.json")
+    same = [k for k in PROTOCOL if k != "device_name"]
+    for path in sorted((run_dir / "eval").glob("returns__*.json")):
+        other = read_json(path)
+        if all(other.get(k) == data.get(k) for k in same):
+            data = merge_results(other, data)
+    return data
+
+
 def cmd_returns(ns: argparse.Namespace) -> int:
     device = valdi.pick_device(ns.cuda)
     runs = load_runs(ns.runs, device, planner_overrides(ns))
@@ -984,7 +997,7 @@ def cmd_plot(ns: argparse.Namespace) -> int:
         if not d.is_dir():
             raise valdi.ValdiError(f"no run directory at {d}")
         runs[d] = (run_flags(d), read_progress(d))
-    evals = {d: read_json(d / "eval" / "returns.json") for d in run_dirs if (d / "eval" / "returns.json").is_file()}
+    evals = {d: read_returns(d) for d in run_dirs if (d / "eval" / "returns.json").is_file()}
     out_dir = Path(ns.out_dir) if ns.out_dir else run_dirs[0] / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -1650,6 +1650,24 @@ def test_plot_draws_every_figure_from_the_runs_files(runs, evaluated, tmp_path, 
                                             "final_moving_average": pytest.approx(np.mean(returns))}
 
 
+def test_plot_reads_a_sweep_split_across_cpus(runs, evaluated, tmp_path):
+    """Step counts measured on a CPU of another name (returns__<cpu>.json) join returns.json in
+    Fig. 3; a result of another protocol (here: other frames) stays out."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["diffusion"], run)
+    data = json.loads((run / "eval" / "returns.json").read_text())
+    ours = [r["diffusion_steps"] for r in data["results"]]
+    moved = [{**r, "diffusion_steps": 16, "mean": 123.0} for r in data["results"][:1]]
+    (run / "eval" / "returns__Other-CPU.json").write_text(json.dumps(
+        {**data, "device_name": "Other CPU", "results": moved}))
+    (run / "eval" / "returns__5f.json").write_text(json.dumps(
+        {**data, "frames": 5, "results": [{**moved[0], "diffusion_steps": 32}]}))
+    merged = ed.read_returns(run)
+    assert [r["diffusion_steps"] for r in merged["results"]] == sorted({*ours, 16})
+    assert next(r for r in merged["results"] if r["diffusion_steps"] == 16)["mean"] == 123.0
+    assert merged["device_name"] == data["device_name"]
+
+
 def test_plot_groups_seeds_by_system(runs, tmp_path, capsys):
     """Runs of one dynamics are seeds of one system: Fig. 4 gets their mean, and the block table
     each seed's block mean with the mean ± s.e. over seeds."""
