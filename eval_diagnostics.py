@@ -1291,14 +1291,15 @@ def read_actions(path: Path) -> np.ndarray:
 def dream_drift(ns: argparse.Namespace, run: Run, net: decoder.ViTDecoder, actions: np.ndarray | None) -> dict:
     """How long the dream stays near reality: on each of the first K fixed tracks, from a grounded start and driven
     by the planner (or the actions), the ticks until LPIPS(decoded dream, real frame) first passes the decoder's own
-    reconstruction LPIPS (train.json, same trunk): beyond that the difference is more than the decoder's blur."""
+    reconstruction LPIPS (train.json, same trunk): beyond that the difference is more than the decoder's blur.
+    With --curve, every track is driven its full --ticks and the LPIPS of every tick is kept: how far it drifts."""
     device, seeds = run.agent.device, fixed_track_seeds(100)
     yardstick = read_json(decoder.decoder_dir(run.run_dir) / "train.json")
     lp = decoder.make_lpips(yardstick["lpips_backbone"] == "random", device)
-    ticks, drifted = [], []
+    ticks, drifted, curves = [], [], []
     for k in progress(iterable=range(ns.drift_tracks), desc="tracks", unit="track"):
         dream = Dream(run, net, seeds[k], run_steps(run, ns.diffusion_steps), new_generator(device, seeds[k]))
-        distance = 0.0
+        curve, passed = [], None  # passed: the first tick beyond the yardstick
         try:
             for t in range(1, ns.ticks + 1):
                 dream.tick(dream.held(actions[(t - 1) % len(actions)]) if actions is not None else dream.planned())
@@ -1306,17 +1307,21 @@ def dream_drift(ns: argparse.Namespace, run: Run, net: decoder.ViTDecoder, actio
                     break
                 with torch.inference_mode():
                     real = decoder.frames_to_float(torch.from_numpy(dream.obs["rgb"]).unsqueeze(0).to(device))
-                    distance = float(lp(real, decoder.decode(net, dream.z_dream), normalize=True))
-                if distance > yardstick["lpips_recon_mean"]:
-                    break
+                    curve.append(float(lp(real, decoder.decode(net, dream.z_dream), normalize=True)))
+                if passed is None and curve[-1] > yardstick["lpips_recon_mean"]:
+                    passed = t
+                    if not ns.curve:
+                        break
         finally:
             dream.env.close()
-        ticks.append(t)
-        drifted.append(distance > yardstick["lpips_recon_mean"] and dream.ticks > 0)
+        ticks.append(passed or t)
+        drifted.append(passed is not None)
+        curves.append(curve)
     return {"tracks": ns.drift_tracks, "max_ticks": ns.ticks, "driven_by": "planner" if actions is None else ns.actions,
             "dynamics": run.args.dynamics, "diffusion_steps": run_steps(run, ns.diffusion_steps),
             "yardstick_lpips_recon_mean": yardstick["lpips_recon_mean"], "ticks_to_drift": ticks, "drifted": drifted,
-            **summarize(ticks), **{k: v for k, v in yardstick.items() if k.startswith("lpips_") and "recon" not in k},
+            **summarize(ticks), "lpips_per_tick": curves,
+            **{k: v for k, v in yardstick.items() if k.startswith("lpips_") and "recon" not in k},
             **decoder.device_record(device)}
 
 
@@ -1345,6 +1350,10 @@ def cmd_dream(ns: argparse.Namespace) -> int:
               f"({result['yardstick_lpips_recon_mean']:.4f}): {fmt(result['mean'], 1)} ± {fmt(result['sem'], 1)} "
               f"(mean ± s.e. over {decoder.count(result['tracks'], 'track')}; {held} never passed it within "
               f"{result['max_ticks']} ticks or before the episode ended, counted at their last tick); wrote {path}")
+        if ns.curve and (n := min(map(len, result["lpips_per_tick"]))):  # the mean over tracks, at the ticks all reached
+            mean = np.mean([c[:n] for c in result["lpips_per_tick"]], axis=0)
+            print("mean LPIPS(dream, reality) at tick " + ", ".join(f"{t}: {mean[t - 1]:.4f}" for t in
+                                                                    sorted({1, 10, 25, 50, 100, 200, n}) if t <= n))
         return 0
     dream = Dream(run, net, seeds[ns.track], run_steps(run, ns.diffusion_steps), new_generator(device, ns.seed))
     try:
@@ -1502,6 +1511,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drift-tracks", type=non_negative_int, default=0, metavar="K",
                    help="no window: on each of the first K tracks, the ticks until the decoded dream's LPIPS to the "
                         "real frame passes the decoder's own reconstruction LPIPS (RUN/eval/dream_drift.json)")
+    p.add_argument("--curve", action="store_true",
+                   help="with --drift-tracks: drive every track its full --ticks and keep the LPIPS of every tick")
     p.add_argument("--seed", type=int, default=0, help="seed of the dream's noise and the planner")
     p.set_defaults(func=cmd_dream)
     return parser

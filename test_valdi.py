@@ -1899,16 +1899,23 @@ def test_dream_drift_counts_the_ticks_until_the_dream_is_further_from_reality_th
     yardstick = json.loads((run / "decoder" / "train.json").read_text())["lpips_recon_mean"]
     assert result["yardstick_lpips_recon_mean"] == yardstick and result["lpips_backbone"] == "random"
     assert len(result["ticks_to_drift"]) == 2 and result["mean"] == pytest.approx(np.mean(result["ticks_to_drift"]))
-    # Track 0 by hand: the same dream, ticked until its decoded frame is further from the real one than the yardstick.
-    dream, passed = a_dream(run, seed=ed.fixed_track_seeds(1)[0]), False  # the track's own generator, as there
-    lp = decoder.make_lpips(True, torch.device("cpu"))
-    for t in range(1, 7):
+    # Track 0 by hand: the same dream, six ticks, and its decoded frame's distance to the real one at each.
+    dream = a_dream(run, seed=ed.fixed_track_seeds(1)[0])  # the track's own generator, as there
+    lp, curve = decoder.make_lpips(True, torch.device("cpu")), []
+    for _ in range(6):
         dream.tick(dream.planned())
         real = decoder.frames_to_float(torch.from_numpy(dream.obs["rgb"]).unsqueeze(0))
-        if passed := float(lp(real, decoder.decode(dream.net, dream.z_dream), normalize=True)) > yardstick:
-            break
-    assert (result["ticks_to_drift"][0], result["drifted"][0]) == (t, passed)
+        curve.append(float(lp(real, decoder.decode(dream.net, dream.z_dream), normalize=True)))
+    passed = next((t for t, d in enumerate(curve, 1) if d > yardstick), None)  # the first tick beyond the yardstick
+    assert (result["ticks_to_drift"][0], result["drifted"][0]) == (passed or 6, passed is not None)
+    assert result["lpips_per_tick"][0] == pytest.approx(curve[:passed or 6], abs=1e-5)  # kept up to the count
     assert "ticks until the dream's LPIPS to reality passes the decoder's own" in capsys.readouterr().out
+    # --curve: every track driven its full six ticks, every distance kept, the same counts.
+    assert ed.main(["dream", str(run), "--drift-tracks", "2", "--ticks", "6", "--policy", "planner", "--curve",
+                    "--no-cuda"]) == 0
+    full = json.loads((run / "eval" / "dream_drift.json").read_text())
+    assert full["lpips_per_tick"][0] == pytest.approx(curve, abs=1e-5)
+    assert (full["ticks_to_drift"], full["drifted"]) == (result["ticks_to_drift"], result["drifted"])
 
 
 def test_dream_bad_input_is_one_line(tiny_runs, diffusion_trained, tmp_path, capsys, monkeypatch):
