@@ -1292,17 +1292,25 @@ def dream_drift(ns: argparse.Namespace, run: Run, net: decoder.ViTDecoder, actio
     """How long the dream stays near reality: on each of the first K fixed tracks, from a grounded start and driven
     by the planner (or the actions), the ticks until LPIPS(decoded dream, real frame) first passes the decoder's own
     reconstruction LPIPS (train.json, same trunk): beyond that the difference is more than the decoder's blur.
-    With --curve, every track is driven its full --ticks and the LPIPS of every tick is kept: how far it drifts."""
+    With --curve, every track is driven its full --ticks and the LPIPS of every tick is kept: how far it drifts.
+    The dream starts after --skip-frames: CarRacing zooms in from far above during its first 50 frames, which the
+    decoder does not draw, so until then the dream is kept on reality (grounded every tick) and nothing is counted."""
     device, seeds = run.agent.device, fixed_track_seeds(100)
     yardstick = read_json(decoder.decoder_dir(run.run_dir) / "train.json")
     lp = decoder.make_lpips(yardstick["lpips_backbone"] == "random", device)
+    drive = lambda dream, t: dream.tick(dream.held(actions[t % len(actions)]) if actions is not None
+                                        else dream.planned())
+    warmup = -(-ns.skip_frames // run.args.action_chunk)  # ticks until frame --skip-frames
     ticks, drifted, curves = [], [], []
     for k in progress(iterable=range(ns.drift_tracks), desc="tracks", unit="track"):
         dream = Dream(run, net, seeds[k], run_steps(run, ns.diffusion_steps), new_generator(device, seeds[k]))
         curve, passed = [], None  # passed: the first tick beyond the yardstick
         try:
+            for t in range(warmup):
+                drive(dream, t)
+                dream.ground()
             for t in range(1, ns.ticks + 1):
-                dream.tick(dream.held(actions[(t - 1) % len(actions)]) if actions is not None else dream.planned())
+                drive(dream, warmup + t - 1)
                 if dream.ticks == 0:  # the episode ended (the car left the playfield): the dream has nothing to match
                     break
                 with torch.inference_mode():
@@ -1319,6 +1327,7 @@ def dream_drift(ns: argparse.Namespace, run: Run, net: decoder.ViTDecoder, actio
         curves.append(curve)
     return {"tracks": ns.drift_tracks, "max_ticks": ns.ticks, "driven_by": "planner" if actions is None else ns.actions,
             "dynamics": run.args.dynamics, "diffusion_steps": run_steps(run, ns.diffusion_steps),
+            "skip_frames": ns.skip_frames, "grounded_ticks": warmup,
             "yardstick_lpips_recon_mean": yardstick["lpips_recon_mean"], "ticks_to_drift": ticks, "drifted": drifted,
             **summarize(ticks), "lpips_per_tick": curves,
             **{k: v for k, v in yardstick.items() if k.startswith("lpips_") and "recon" not in k},
@@ -1513,6 +1522,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "real frame passes the decoder's own reconstruction LPIPS (RUN/eval/dream_drift.json)")
     p.add_argument("--curve", action="store_true",
                    help="with --drift-tracks: drive every track its full --ticks and keep the LPIPS of every tick")
+    p.add_argument("--skip-frames", type=non_negative_int, default=50,
+                   help="with --drift-tracks: the dream starts at this frame, grounded until then (CarRacing zooms "
+                        "in first)")
     p.add_argument("--seed", type=int, default=0, help="seed of the dream's noise and the planner")
     p.set_defaults(func=cmd_dream)
     return parser

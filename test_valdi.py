@@ -1894,13 +1894,20 @@ def test_dream_records_a_scripted_session_and_the_planner_drives_the_mlp(diffusi
 def test_dream_drift_counts_the_ticks_until_the_dream_is_further_from_reality_than_the_decoders_blur(
         diffusion_trained, tmp_path, capsys):
     run = copy_run(diffusion_trained[0], tmp_path / "run")
-    assert ed.main(["dream", str(run), "--drift-tracks", "2", "--ticks", "6", "--policy", "planner", "--no-cuda"]) == 0
+    drift = ["dream", str(run), "--drift-tracks", "2", "--ticks", "6", "--skip-frames", "4", "--policy", "planner"]
+    assert ed.main([*drift, "--no-cuda"]) == 0
     result = json.loads((run / "eval" / "dream_drift.json").read_text())
     yardstick = json.loads((run / "decoder" / "train.json").read_text())["lpips_recon_mean"]
     assert result["yardstick_lpips_recon_mean"] == yardstick and result["lpips_backbone"] == "random"
     assert len(result["ticks_to_drift"]) == 2 and result["mean"] == pytest.approx(np.mean(result["ticks_to_drift"]))
-    # Track 0 by hand: the same dream, six ticks, and its decoded frame's distance to the real one at each.
+    # Track 0 by hand: the same dream, kept on reality until frame 4 (the zoom), then six ticks, and its decoded
+    # frame's distance to the real one at each.
     dream = a_dream(run, seed=ed.fixed_track_seeds(1)[0])  # the track's own generator, as there
+    grounded = -(-4 // dream.run.args.action_chunk)
+    assert result["grounded_ticks"] == grounded > 0
+    for _ in range(grounded):
+        dream.tick(dream.planned())
+        dream.ground()
     lp, curve = decoder.make_lpips(True, torch.device("cpu")), []
     for _ in range(6):
         dream.tick(dream.planned())
@@ -1911,8 +1918,7 @@ def test_dream_drift_counts_the_ticks_until_the_dream_is_further_from_reality_th
     assert result["lpips_per_tick"][0] == pytest.approx(curve[:passed or 6], abs=1e-5)  # kept up to the count
     assert "ticks until the dream's LPIPS to reality passes the decoder's own" in capsys.readouterr().out
     # --curve: every track driven its full six ticks, every distance kept, the same counts.
-    assert ed.main(["dream", str(run), "--drift-tracks", "2", "--ticks", "6", "--policy", "planner", "--curve",
-                    "--no-cuda"]) == 0
+    assert ed.main([*drift, "--curve", "--no-cuda"]) == 0
     full = json.loads((run / "eval" / "dream_drift.json").read_text())
     assert full["lpips_per_tick"][0] == pytest.approx(curve, abs=1e-5)
     assert (full["ticks_to_drift"], full["drifted"]) == (result["ticks_to_drift"], result["drifted"])
