@@ -6,6 +6,7 @@ Everything here is real: the real CarRacing env, the real networks, real files o
 flags keep the suite fast; the numbers the paper fixes (parameter counts, schedules) are
 checked at the paper's defaults."""
 
+import argparse
 import copy
 import dataclasses
 import hashlib
@@ -1817,12 +1818,15 @@ def test_the_readme_smoke_recipe_runs_every_companion_command(tmp_path, monkeypa
             continue
         assert argv[0] == "python" and argv[1] in mains, argv
         assert mains[argv[1]]([str(run) if a == "$RUN" else a for a in argv[2:]]) == 0, argv
-    assert {argv[2] for argv in recipe if argv[1] != "valdi.py" and len(argv) > 2} >= {
-        "returns", "grounding", "consistency", "plot", "speed", "collect", "train", "diversity", "futures", "video"}
+    commands = lambda parser: next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert {argv[2] for argv in recipe if argv[0] == "python" and argv[1] != "valdi.py"} == {
+        *commands(ed.build_parser()), *commands(decoder.build_parser())}  # a new command joins the recipe
     for path in ("eval/returns.json", "eval/grounding.json", "eval/consistency.json", "decoder/decoder.pt",
                  "decoder/diversity.json", "decoder/futures.png", "decoder/reconstructions.png",
                  "eval/video_track0.mp4", "eval/video_track0.gif"):
         assert (run / path).is_file(), path
+    assert "optimizer" not in torch.load(run / "decoder" / "decoder.pt", weights_only=True)  # slim: video and dream read it
+    assert (tmp_path / "smoke" / "dream.gif").is_file() and (tmp_path / "smoke" / "dream.mp4").is_file()
     assert sorted(p.name for p in (tmp_path / "smoke" / "figures").glob("*.png")) == [
         "figure3_diffusion_steps.png", "figure4_training_returns.png", "training_losses.png"]
 
