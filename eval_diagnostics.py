@@ -1375,16 +1375,20 @@ def cmd_dream(ns: argparse.Namespace) -> int:
                 pygame.quit()
             print(f"drove {decoder.count(ticks, 'tick')} on track {ns.track}")
             return 0
-        frames = []
+        frames, seconds = [], []  # each tick's time: acting, the dream's step and drawing both panes
         for k in range(ns.ticks):
+            start = time.perf_counter()
             action = dream.held(actions[k % len(actions)]) if actions is not None else dream.planned()
             dream.tick(action)
             frames.append(dream.picture())
+            seconds.append(time.perf_counter() - start)
     finally:
         dream.env.close()
-    mp4, gif = save_movie(out, frames, fps=round(dream.env.metadata.get("render_fps", 50) / run.args.action_chunk))
+    fps = dream.env.metadata.get("render_fps", 50) / run.args.action_chunk  # the env's pace, in ticks
+    mp4, gif = save_movie(out, frames, fps=round(fps))
     print(f"track {ns.track}: {decoder.count(ns.ticks, 'tick')} of {run.args.dynamics}'s dream beside reality, driven "
-          f"by {'the planner' if actions is None else ns.actions}; wrote {gif} and {mp4}")
+          f"by {'the planner' if actions is None else ns.actions}, {1000 * np.median(seconds):.0f} ms a tick (median; "
+          f"the env's pace: {1000 / fps:.0f} ms); wrote {gif} and {mp4}")
     return 0
 
 
