@@ -1384,11 +1384,11 @@ def cmd_dream(ns: argparse.Namespace) -> int:
             seconds.append(time.perf_counter() - start)
     finally:
         dream.env.close()
-    fps = dream.env.metadata.get("render_fps", 50) / run.args.action_chunk  # the env's pace, in ticks
-    mp4, gif = save_movie(out, frames, fps=round(fps))
+    ticks_per_s = dream.env.metadata.get("render_fps", 50) / run.args.action_chunk  # the env's pace
+    mp4, gif = save_movie(out, frames, fps=round(ticks_per_s))  # one movie frame per tick
     print(f"track {ns.track}: {decoder.count(ns.ticks, 'tick')} of {run.args.dynamics}'s dream beside reality, driven "
           f"by {'the planner' if actions is None else ns.actions}, {1000 * np.median(seconds):.0f} ms a tick (median; "
-          f"the env's pace: {1000 / fps:.0f} ms); wrote {gif} and {mp4}")
+          f"the env's pace: {1000 / ticks_per_s:.0f} ms); wrote {gif} and {mp4}")
     return 0
 
 
